@@ -1,0 +1,40 @@
+"""norga: prompt experts (prefix tuning, NoRGa, SMoPE) for stock timm vision transformers.
+
+>>> import timm, norga
+>>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+>>> pool = norga.PrefixPool(num_tasks=5, num_layers=5, length=5, dim=192)
+>>> model = norga.patch_vit(model, gate=norga.NoRGaGate("tanh"), prompt=pool)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .attention import PrefixAttentionMixin, PrefixMoEAttention
+from .functional import Prefix, prefix_attention
+from .gates import NoRGaGate
+from .patch import attention_layers, patch_vit, patched_layers, supported_families, unpatch_vit
+from .prompts import PoolPrompt, PrefixPool, PrefixPrompt, set_task, use_task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoRGaGate",
+    "PoolPrompt",
+    "Prefix",
+    "PrefixAttentionMixin",
+    "PrefixMoEAttention",
+    "PrefixPool",
+    "PrefixPrompt",
+    "attention_layers",
+    "patch_vit",
+    "patched_layers",
+    "prefix_attention",
+    "set_task",
+    "supported_families",
+    "unpatch_vit",
+    "use_task",
+    "__version__",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

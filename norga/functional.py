@@ -1,0 +1,416 @@
+"""Functional core: attention over ``[prefix; tokens]`` with gated prefix scores.
+
+For a query row ``i`` the output is::
+
+    o_i = softmax([g(s_i1), ..., g(s_iL), t_i1, ..., t_iN]) @ [pv; v]
+
+with prefix scores ``s_il = scale * q_i . pk_l`` (or given ``logits``), the gate ``g`` (identity for plain
+prefix tuning, :class:`norga.NoRGaGate` for NoRGa) and token scores ``t_ij = scale * q_i . k_j + bias_ij``.
+The gate touches only the ``N x L`` prefix block, so token-token attention can run in a fused kernel and
+be merged exactly with the small prefix block through the log-sum-exp::
+
+    lse = logaddexp(lse_tok, logsumexp(g))
+    o   = exp(lse_tok - lse) * o_tok + softmax-weights(g - lse) @ pv
+
+Backends (``backend=``):
+
+``"math"``
+    The readable reference: concatenate the scores, softmax, multiply. Materialises ``N x (N + L)``.
+``"merge"``
+    Fused token attention that also returns its log-sum-exp (PyTorch's flash kernel for CPU), merged
+    with the prefix block as above. Backward reuses the fused backward kernel with the *merged*
+    log-sum-exp, which yields the exact gradients of the full softmax. Never builds ``N x N`` scores
+    (except to differentiate a token bias that itself requires grad).
+``"sdpa"``
+    ``F.scaled_dot_product_attention`` over the concatenated keys, with the gate's residual passed as an
+    additive mask on the prefix columns. Exact and differentiable everywhere, supports dropout, but
+    materialises a ``B x H x N x (N + L)`` mask.
+``"auto"``
+    ``merge`` where its kernel exists (CPU, no dropout), else ``sdpa``. See :func:`select_backend`.
+
+All backends compute prefix scores, the gate, the softmax statistics and the merge in float32, and
+return the dtype of ``v``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+__all__ = [
+    "Prefix",
+    "PrefixLike",
+    "BACKENDS",
+    "normalize_prefix",
+    "prefix_attention",
+    "prefix_scores",
+    "select_backend",
+    "available_backends",
+    "attention_bias",
+]
+
+BACKENDS = ("auto", "math", "merge", "sdpa")
+
+
+class Prefix(NamedTuple):
+    """A prefix (prompt) for one attention layer.
+
+    Attributes:
+        key: Prefix keys, in head space: ``(L, dim)`` shared by the batch, ``(B, L, dim)`` per sample,
+            or ``(B, H, L, D)`` per head (``B`` may be 1 to broadcast).
+        value: Prefix values, the same shape as ``key``.
+        logits: Optional prefix scores ``(B or 1, H, N or 1, L)``. When given they replace
+            ``scale * q . key`` as the prefix score (SMoPE's row-constant logits); the gate, if any, is
+            still applied to them.
+        indices: Optional ids of the experts the prefix rows came from (SMoPE routing); informative only.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+    indices: Optional[torch.Tensor] = None
+
+
+PrefixLike = Union[Prefix, "tuple[torch.Tensor, torch.Tensor]"]
+Gate = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def normalize_prefix(
+    prefix: PrefixLike, batch: int, num_heads: int, head_dim: int, num_queries: int | None = None
+) -> Prefix:
+    """Validate a prefix and bring it to head space ``(B or 1, H, L, D)``.
+
+    Prefix vectors are free parameters already in head space: they are split into heads like ``k`` and
+    ``v`` (``"... l (h d) -> ... h l d"``) and never projected.
+
+    Args:
+        prefix: A :class:`Prefix` or a ``(key, value)`` pair, each ``(L, dim)``, ``(B, L, dim)`` or
+            ``(B, H, L, D)``.
+        batch: The attention batch size ``B``.
+        num_heads: ``H``.
+        head_dim: ``D``.
+        num_queries: ``N``, to validate ``logits``.
+
+    Returns:
+        A :class:`Prefix` with ``key``/``value`` of shape ``(B or 1, H, L, D)``.
+
+    Raises:
+        TypeError: ``prefix`` is not a pair of tensors.
+        ValueError: the shapes do not match (the message names the expected and the given shape).
+    """
+    if isinstance(prefix, Prefix):
+        key, value, logits, indices = prefix
+    elif isinstance(prefix, (tuple, list)) and len(prefix) == 2:
+        key, value = prefix
+        logits, indices = None, None
+    else:
+        raise TypeError(
+            f"prefix must be a norga.Prefix or a (key, value) pair of tensors, got {type(prefix).__name__}"
+        )
+    if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"prefix key and value must be tensors, got {type(key).__name__} and {type(value).__name__}"
+        )
+    if key.shape != value.shape:
+        raise ValueError(
+            f"prefix key and value must have the same shape, got key {_shape(key)} and value {_shape(value)}"
+        )
+    if not key.is_floating_point():
+        raise TypeError(f"prefix key and value must be floating point, got {key.dtype}")
+    dim = num_heads * head_dim
+    if key.dim() == 2:
+        if key.shape[-1] != dim:
+            raise ValueError(
+                f"prefix width must be num_heads * head_dim = {dim}, got a (L, dim) prefix of shape {_shape(key)}"
+            )
+        key = rearrange(key, "l (h d) -> 1 h l d", h=num_heads)
+        value = rearrange(value, "l (h d) -> 1 h l d", h=num_heads)
+    elif key.dim() == 3:
+        if key.shape[-1] != dim:
+            raise ValueError(
+                f"prefix width must be num_heads * head_dim = {dim}, got a (B, L, dim) prefix of shape {_shape(key)}"
+            )
+        key = rearrange(key, "b l (h d) -> b h l d", h=num_heads)
+        value = rearrange(value, "b l (h d) -> b h l d", h=num_heads)
+    elif key.dim() == 4:
+        if key.shape[1] != num_heads or key.shape[3] != head_dim:
+            raise ValueError(
+                f"a per-head prefix must have shape (B, H={num_heads}, L, D={head_dim}), got {_shape(key)}"
+            )
+    else:
+        raise ValueError(
+            f"prefix must have shape (L, {dim}), (B, L, {dim}) or (B, {num_heads}, L, {head_dim}), got {_shape(key)}"
+        )
+    if key.shape[0] not in (1, batch):
+        raise ValueError(f"prefix batch must be 1 or B={batch}, got {key.shape[0]} (prefix shape {_shape(key)})")
+    length = key.shape[2]
+    if logits is not None:
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"prefix logits must be a tensor, got {type(logits).__name__}")
+        rows_ok = logits.dim() == 4 and (num_queries is None or logits.shape[2] in (1, num_queries))
+        if not (
+            rows_ok
+            and logits.shape[0] in (1, batch)
+            and logits.shape[1] == num_heads
+            and logits.shape[3] == length
+        ):
+            n = "N" if num_queries is None else f"N={num_queries}"
+            raise ValueError(
+                f"prefix logits must have shape (1 or B={batch}, H={num_heads}, 1 or {n}, L={length}), "
+                f"got {_shape(logits)}"
+            )
+    return Prefix(key, value, logits, indices)
+
+
+def prefix_scores(
+    q: torch.Tensor, prefix_key: torch.Tensor, scale: float, gate: Gate = None, logits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gated prefix scores ``g(scale * q . pk)`` (or ``g(logits)``) in float32, shape ``(B, H, N, L)``."""
+    if logits is None:
+        s = torch.matmul(q.float(), prefix_key.float().transpose(-2, -1)) * scale
+    else:
+        s = logits.float()
+    if gate is not None:
+        s = gate(s)
+    return s.expand(q.shape[0], q.shape[1], q.shape[2], prefix_key.shape[2])
+
+
+def attention_bias(
+    attn_mask: torch.Tensor | None, num_queries: int, is_causal: bool, like: torch.Tensor
+) -> torch.Tensor | None:
+    """Resolve SDPA-style ``attn_mask``/``is_causal`` into an additive float bias over the token keys.
+
+    A boolean mask marks allowed positions (``True`` = attend), as in ``F.scaled_dot_product_attention``.
+    """
+    if is_causal:
+        if attn_mask is not None:
+            raise ValueError("attn_mask and is_causal=True are mutually exclusive")
+        return torch.full((num_queries, num_queries), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=like.dtype, device=like.device).masked_fill_(
+            ~attn_mask, float("-inf")
+        )
+    return attn_mask
+
+
+# --------------------------------------------------------------------------------------------------
+# backends
+
+
+def _math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    pv: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    tok = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if bias is not None:
+        tok = tok + bias.float()
+    attn = torch.cat([g, tok], dim=-1).softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p)
+    values = torch.cat([pv.float().expand(v.shape[0], -1, -1, -1), v.float()], dim=-2)
+    return torch.matmul(attn, values).to(v.dtype)
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    b, h, n, _ = q.shape
+    keys = torch.cat([pk.to(k.dtype).expand(b, -1, -1, -1), k], dim=-2)
+    values = torch.cat([pv.to(v.dtype).expand(b, -1, -1, -1), v], dim=-2)
+    # SDPA adds scale * q . pk itself on the prefix columns; the mask carries the rest of g.
+    linear = torch.matmul(q.float(), pk.float().transpose(-2, -1)) * scale
+    pre = (g - linear).to(q.dtype)
+    if bias is None:
+        tok = q.new_zeros(b, h, n, k.shape[-2])
+    else:
+        tok = bias.to(q.dtype).expand(b, h, n, k.shape[-2])
+    mask = torch.cat([pre, tok], dim=-1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def _cpu_flash_available() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    )
+
+
+class _MergeFunction(torch.autograd.Function):
+    """Fused token attention (with log-sum-exp) merged exactly with an explicit gated prefix block."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        g: torch.Tensor,
+        pv: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        o_tok, lse_tok = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+        )
+        lse = torch.logaddexp(lse_tok.float(), torch.logsumexp(g, dim=-1))
+        w_tok = torch.exp(lse_tok.float() - lse).unsqueeze(-1)
+        p_pre = torch.exp(g - lse.unsqueeze(-1))
+        out = (w_tok * o_tok.float() + torch.matmul(p_pre, pv.float())).to(v.dtype)
+        ctx.save_for_backward(q, k, v, bias, g, pv, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        q, k, v, bias, g, pv, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        grad_out = grad_out.contiguous()
+        # The fused backward recomputes P = exp(s - lse) and D = rowsum(dO * out). With the merged lse and
+        # the merged output these are the token columns of the *full* softmax, so dq, dk, dv are exact.
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse.to(torch.float32), 0.0, False, attn_mask=bias, scale=scale
+        )
+        do32 = grad_out.float()
+        delta = (do32 * out.float()).sum(dim=-1, keepdim=True)
+        p_pre = torch.exp(g - lse.unsqueeze(-1))
+        dg = dpv = dbias = None
+        if ctx.needs_input_grad[4]:
+            dg = p_pre * (torch.matmul(do32, pv.float().transpose(-2, -1)) - delta)
+        if ctx.needs_input_grad[5]:
+            dpv = torch.matmul(p_pre.transpose(-2, -1), do32).to(pv.dtype)
+        if bias is not None and ctx.needs_input_grad[3]:
+            s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + bias.float()
+            p_tok = torch.exp(s - lse.unsqueeze(-1))
+            ds = p_tok * (torch.matmul(do32, v.float().transpose(-2, -1)) - delta)
+            dbias = ds.sum_to_size(bias.shape).to(bias.dtype)
+        # q's gradient through the prefix scores flows back through ``g``, outside this function.
+        return dq, dk, dv, dbias, dg, dpv, None
+
+
+def _merge(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    pv: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    b, h, n, _ = q.shape
+    if bias is not None:
+        bias = bias.to(q.dtype)
+        if bias.dim() < 4:
+            bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    pv = pv.expand(b, h, -1, -1)
+    return _MergeFunction.apply(q, k, v, bias, g, pv, scale)
+
+
+def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
+    """The concrete backends usable on ``device`` (``"math"`` and ``"sdpa"`` always are)."""
+    device = torch.device(device)
+    names = ["math", "sdpa"]
+    if device.type == "cpu" and _cpu_flash_available():
+        names.insert(1, "merge")
+    return tuple(names)
+
+
+def select_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.0) -> str:
+    """Pick the concrete backend for ``q``.
+
+    ``"auto"`` picks ``"merge"`` on CPU without dropout (fused, O(N) extra memory), else ``"sdpa"``.
+    An explicit backend that cannot run here raises ``ValueError``; there is no silent fallback.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        if q.device.type == "cpu" and dropout_p == 0.0 and _cpu_flash_available():
+            return "merge"
+        return "sdpa"
+    if backend == "merge":
+        if "merge" not in available_backends(q.device):
+            raise ValueError(
+                f"backend 'merge' is not available on device {q.device.type!r}; "
+                f"available: {available_backends(q.device)}"
+            )
+        if dropout_p > 0.0:
+            raise ValueError(f"backend 'merge' does not support attention dropout (dropout_p={dropout_p}); use 'sdpa' or 'math'")
+    return backend
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: PrefixLike | None = None,
+    *,
+    gate: Gate = None,
+    scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-head attention over ``[prefix; tokens]`` with gated prefix scores.
+
+    Args:
+        q: Queries ``(B, H, N, D)``.
+        k: Token keys ``(B, H, M, D)``.
+        v: Token values ``(B, H, M, D)``.
+        prefix: ``None`` (plain attention), a ``(key, value)`` pair or a :class:`Prefix` (see
+            :func:`normalize_prefix` for the accepted shapes).
+        gate: Applied elementwise to the ``(B, H, N, L)`` prefix scores; ``None`` is the linear gate of
+            plain prefix tuning.
+        scale: Score scale, default ``D ** -0.5``.
+        attn_bias: Additive float bias over the *token* columns, broadcastable to ``(B, H, N, M)``
+            (relative position bias, masks). Prefix columns are never masked.
+        dropout_p: Attention dropout on the full softmax.
+        backend: ``"auto"``, ``"math"``, ``"merge"`` or ``"sdpa"`` (module docstring).
+
+    Returns:
+        ``(B, H, N, D)`` in the dtype of ``v``.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be (B, H, N, D); got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+        )
+    b, h, n, d = q.shape
+    if scale is None:
+        scale = d**-0.5
+    if attn_bias is not None and attn_bias.dtype == torch.bool:
+        raise TypeError("attn_bias must be an additive float tensor; resolve boolean masks with attention_bias()")
+    if prefix is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
+    p = normalize_prefix(prefix, b, h, d, num_queries=n)
+    pk, pv = p.key, p.value
+    if pk.shape[2] == 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
+    pk = pk.to(q.device)
+    pv = pv.to(device=v.device)
+    g = prefix_scores(q, pk, scale, gate, p.logits)
+    name = select_backend(q, backend, dropout_p)
+    if name == "math":
+        return _math(q, k, v, g, pv, attn_bias, scale, dropout_p)
+    if name == "sdpa":
+        return _sdpa(q, k, v, g, pk, pv, attn_bias, scale, dropout_p)
+    return _merge(q, k, v, g, pv, attn_bias, scale)

@@ -1,0 +1,133 @@
+"""Gating functions for prefix (prompt) experts.
+
+A prefix-tuned attention head is a mixture of experts whose prompt experts have *linear* gating scores
+``s = scale * q . key``. NoRGa (Le et al., 2024, arXiv 2405.14124) replaces each prefix score by the
+non-linear residual gate ``s + alpha * act(tau * s)``. The gate touches only the prefix columns of the
+attention scores, before the softmax; token-token scores are never changed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["NoRGaGate", "ACTIVATIONS", "resolve_gate"]
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+#: The activations the paper studies, by name. GELU is the exact (erf) form, as ``nn.GELU()``.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": _gelu,
+}
+
+Activation = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _check_finite(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"NoRGaGate: {name} must be a real number, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value):
+        raise ValueError(f"NoRGaGate: {name} must be finite, got {value!r}")
+    return float(value)
+
+
+class NoRGaGate(nn.Module):
+    """Non-linear residual gate: ``g(s) = s + alpha * act(tau * s)``, applied elementwise.
+
+    One gate holds one ``(alpha, tau)`` pair, shared by all heads and all prefix columns of the layer it
+    belongs to. This is what the authors run: one pair per prompted layer, learnable, initialised to 1,
+    frozen after the first task (see :func:`NoRGaGate.freeze`).
+
+    Args:
+        activation: ``"tanh"``, ``"sigmoid"``, ``"gelu"`` or a callable mapping a tensor to a tensor of
+            the same shape. The paper uses sigmoid for Sup-21K backbones, tanh by default and GELU for
+            MoCo v3.
+        alpha: Initial residual scale. Must be finite.
+        tau: Initial temperature inside the activation. Must be finite.
+        learnable: If True, ``alpha`` and ``tau`` are ``nn.Parameter`` scalars; otherwise they are
+            buffers (saved in ``state_dict`` and moved by ``.to()``, but not trained).
+
+    Shape:
+        Any shape in, the same shape out. The gate is computed in the input's dtype.
+
+    Example:
+        >>> gate = NoRGaGate("tanh", alpha=1.0, tau=1.0)
+        >>> gate(torch.zeros(2, 3))
+        tensor([[0., 0., 0.],
+                [0., 0., 0.]], grad_fn=<AddBackward0>)
+    """
+
+    alpha: torch.Tensor
+    tau: torch.Tensor
+
+    def __init__(
+        self,
+        activation: Activation = "tanh",
+        alpha: float = 1.0,
+        tau: float = 1.0,
+        learnable: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(activation, str):
+            if activation not in ACTIVATIONS:
+                raise ValueError(
+                    f"NoRGaGate: unknown activation {activation!r}; expected one of "
+                    f"{sorted(ACTIVATIONS)} or a callable"
+                )
+            self.activation_name = activation
+            self.act: Callable[[torch.Tensor], torch.Tensor] = ACTIVATIONS[activation]
+        elif callable(activation):
+            self.activation_name = getattr(activation, "__name__", type(activation).__name__)
+            self.act = activation
+        else:
+            raise TypeError(
+                f"NoRGaGate: activation must be one of {sorted(ACTIVATIONS)} or a callable, "
+                f"got {type(activation).__name__}"
+            )
+        a = torch.tensor(_check_finite("alpha", alpha))
+        t = torch.tensor(_check_finite("tau", tau))
+        self.learnable = bool(learnable)
+        if self.learnable:
+            self.alpha = nn.Parameter(a)
+            self.tau = nn.Parameter(t)
+        else:
+            self.register_buffer("alpha", a)
+            self.register_buffer("tau", t)
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        """Return ``scores + alpha * act(tau * scores)``."""
+        alpha = self.alpha.to(scores.dtype)
+        tau = self.tau.to(scores.dtype)
+        return scores + alpha * self.act(tau * scores)
+
+    def freeze(self) -> "NoRGaGate":
+        """Stop training ``alpha`` and ``tau`` (the authors freeze them after the first task)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"activation={self.activation_name}, alpha={float(self.alpha):.4g}, tau={float(self.tau):.4g}, "
+            f"learnable={self.learnable}"
+        )
+
+
+def resolve_gate(gate: "NoRGaGate | nn.Module | str | None") -> nn.Module | None:
+    """Turn a gate argument into a module: ``None`` (linear gate), a module, or an activation name."""
+    if gate is None or isinstance(gate, nn.Module):
+        return gate
+    if isinstance(gate, str):
+        return NoRGaGate(gate)
+    raise TypeError(
+        f"gate must be None, an nn.Module (e.g. NoRGaGate) or an activation name, got {type(gate).__name__}"
+    )

@@ -1,0 +1,226 @@
+"""Prompts: modules that deliver a prefix to a patched attention layer.
+
+A patched layer calls ``layer.prompt(q)`` (``q``: its queries ``(B, H, N, D)``) and attends over the
+prefix it returns. Two prompts ship here:
+
+* :class:`PrefixPrompt`: one learnable prefix for one layer, shared by every sample.
+* :class:`PrefixPool`: per-task prefixes for several layers, one tensor of shape
+  ``(tasks, layers, 2, length, dim)`` (the NoRGa / HiDe-Prompt E-prompt). Each layer reads its slice
+  through a :class:`PoolPrompt`. Which task's prefix each sample gets is set with :func:`set_task`
+  (one task for the whole batch, or one task id per sample) and is gathered per sample, so a sample's
+  output never depends on the rest of its batch.
+
+Task ids are model state, not forward arguments, because timm blocks call ``attn(x)`` with nothing else.
+Set them before the forward (also before calling a ``torch.compile``-d or DDP-wrapped model; both find
+the pool through ``.modules()``)::
+
+    norga.set_task(model, 3)                  # training task 3: every sample uses prompt 3
+    norga.set_task(model, task_ids)           # inference: LongTensor (B,), one task per sample
+    with norga.use_task(model, task_ids):     # the same, restored afterwards
+        logits = model(x)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Union
+
+import torch
+from torch import nn
+
+from .functional import Prefix
+
+__all__ = ["PrefixPrompt", "PrefixPool", "PoolPrompt", "set_task", "use_task", "prefix_pools", "TaskSpec"]
+
+TaskSpec = Union[int, torch.Tensor]
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class PrefixPrompt(nn.Module):
+    """One learnable prefix ``(key, value)`` of shape ``(length, dim)``, shared by the batch.
+
+    Args:
+        length: Number of prompt experts ``L``.
+        dim: Width ``num_heads * head_dim`` of the layer.
+        init: ``"uniform"`` draws U(-1, 1) as the NoRGa authors do; ``"zeros"`` starts at zero.
+    """
+
+    def __init__(self, length: int, dim: int, init: str = "uniform") -> None:
+        super().__init__()
+        _positive("length", length)
+        _positive("dim", dim)
+        self.prompt = nn.Parameter(torch.empty(2, length, dim))
+        _init_(self.prompt, init)
+
+    def forward(self, q: torch.Tensor) -> Prefix:
+        return Prefix(self.prompt[0], self.prompt[1])
+
+    def extra_repr(self) -> str:
+        _, length, dim = self.prompt.shape
+        return f"length={length}, dim={dim}"
+
+
+def _init_(t: torch.Tensor, init: str) -> None:
+    with torch.no_grad():
+        if init == "uniform":
+            t.uniform_(-1.0, 1.0)
+        elif init == "zeros":
+            t.zero_()
+        else:
+            raise ValueError(f"init must be 'uniform' or 'zeros', got {init!r}")
+
+
+class PrefixPool(nn.Module):
+    """Per-task prefix prompts for several layers: ``prompts`` of shape ``(T, layers, 2, L, dim)``.
+
+    ``prompts[t, i, 0]`` is the key and ``prompts[t, i, 1]`` the value of task ``t``'s prefix in the
+    ``i``-th prompted layer. Initialised U(-1, 1), as the authors do.
+
+    Args:
+        num_tasks: ``T``.
+        num_layers: Number of prompted layers.
+        length: Prefix length ``L`` (5 for CIFAR-100, 20 for ImageNet-R and CUB in NoRGa).
+        dim: Layer width ``num_heads * head_dim``.
+        init: ``"uniform"`` (U(-1, 1)) or ``"zeros"``.
+
+    The active task is ``self.task``: an ``int`` (every sample uses that task) or a ``LongTensor`` of
+    shape ``(B,)`` (one task per sample). Set it with :func:`set_task`.
+    """
+
+    task: TaskSpec
+
+    def __init__(self, num_tasks: int, num_layers: int, length: int, dim: int, init: str = "uniform") -> None:
+        super().__init__()
+        for name, value in (("num_tasks", num_tasks), ("num_layers", num_layers), ("length", length), ("dim", dim)):
+            _positive(name, value)
+        self.prompts = nn.Parameter(torch.empty(num_tasks, num_layers, 2, length, dim))
+        _init_(self.prompts, init)
+        self.task = 0
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.prompts.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.prompts.shape[1])
+
+    @property
+    def length(self) -> int:
+        return int(self.prompts.shape[3])
+
+    @property
+    def dim(self) -> int:
+        return int(self.prompts.shape[4])
+
+    def set_task(self, task: TaskSpec) -> None:
+        """Select one task for the batch (``int``) or one per sample (``LongTensor`` ``(B,)``)."""
+        if isinstance(task, bool):
+            raise TypeError("task must be an int or an integer tensor, got bool")
+        if isinstance(task, int):
+            if not 0 <= task < self.num_tasks:
+                raise ValueError(f"task must be in [0, {self.num_tasks}), got {task}")
+            self.task = task
+            return
+        if not isinstance(task, torch.Tensor):
+            raise TypeError(f"task must be an int or an integer tensor of shape (B,), got {type(task).__name__}")
+        if task.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"task ids must be an integer tensor, got dtype {task.dtype}")
+        if task.dim() != 1:
+            raise ValueError(f"task ids must have shape (B,), got {tuple(task.shape)}")
+        if task.numel() and (int(task.min()) < 0 or int(task.max()) >= self.num_tasks):
+            raise ValueError(
+                f"task ids must be in [0, {self.num_tasks}), got values in [{int(task.min())}, {int(task.max())}]"
+            )
+        self.task = task.to(device=self.prompts.device, dtype=torch.long)
+
+    def select(self, layer: int, batch: int) -> Prefix:
+        """The prefix of the ``layer``-th prompted layer for the active task(s).
+
+        Returns ``(L, dim)`` key/value for a single task, ``(B, L, dim)`` for per-sample task ids.
+        Per-sample selection gathers along the task axis: sample ``b`` gets exactly
+        ``prompts[task[b], layer]`` (no reshape across the batch).
+        """
+        task = self.task
+        if isinstance(task, int):
+            kv = self.prompts[task, layer]
+            return Prefix(kv[0], kv[1])
+        if task.shape[0] != batch:
+            raise ValueError(f"{task.shape[0]} task ids were set but the batch has {batch} samples")
+        kv = self.prompts[:, layer].index_select(0, task)  # (B, 2, L, dim)
+        return Prefix(kv[:, 0], kv[:, 1])
+
+    def layer(self, index: int) -> "PoolPrompt":
+        """A prompt module that delivers this pool's prefix for the ``index``-th prompted layer."""
+        if not 0 <= index < self.num_layers:
+            raise ValueError(f"layer index must be in [0, {self.num_layers}), got {index}")
+        return PoolPrompt(self, index)
+
+    def extra_repr(self) -> str:
+        return f"num_tasks={self.num_tasks}, num_layers={self.num_layers}, length={self.length}, dim={self.dim}"
+
+
+class PoolPrompt(nn.Module):
+    """The view of one layer onto a :class:`PrefixPool`.
+
+    It holds the pool without registering it as a submodule (the pool is registered once, on the
+    model, by :func:`norga.patch_vit`), so its parameters appear once in ``parameters()`` and
+    ``state_dict()``.
+    """
+
+    def __init__(self, pool: PrefixPool, index: int) -> None:
+        super().__init__()
+        self._pool = (pool,)  # a tuple is not registered by nn.Module
+        self.index = index
+
+    @property
+    def pool(self) -> PrefixPool:
+        return self._pool[0]
+
+    def forward(self, q: torch.Tensor) -> Prefix:
+        return self._pool[0].select(self.index, q.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"layer={self.index}"
+
+
+def prefix_pools(model: nn.Module) -> list[PrefixPool]:
+    """Every :class:`PrefixPool` in ``model`` (through DDP / ``torch.compile`` wrappers too)."""
+    return [m for m in model.modules() if isinstance(m, PrefixPool)]
+
+
+def set_task(model: nn.Module, task: TaskSpec) -> None:
+    """Set the active task of every :class:`PrefixPool` in ``model``.
+
+    Args:
+        model: A patched model, or a DDP / ``torch.compile`` wrapper of one.
+        task: An ``int`` (the whole batch uses that task, e.g. while training task ``t``) or a
+            ``LongTensor`` of shape ``(B,)`` giving each sample its own task (inference after task-id
+            prediction).
+
+    Raises:
+        ValueError: the model has no prefix pool, or a task id is out of range.
+    """
+    pools = prefix_pools(model)
+    if not pools:
+        raise ValueError("set_task: the model has no norga.PrefixPool; patch it with patch_vit(..., prompt=PrefixPool(...))")
+    for pool in pools:
+        pool.set_task(task)
+
+
+@contextmanager
+def use_task(model: nn.Module, task: TaskSpec) -> Iterator[None]:
+    """Context manager form of :func:`set_task` that restores the previous tasks on exit."""
+    pools = prefix_pools(model)
+    previous = [p.task for p in pools]
+    set_task(model, task)
+    try:
+        yield
+    finally:
+        for p, t in zip(pools, previous):
+            p.task = t

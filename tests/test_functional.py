@@ -1,0 +1,164 @@
+import pytest
+import torch
+
+from norga import NoRGaGate, Prefix, prefix_attention
+from norga.functional import available_backends, normalize_prefix, select_backend
+
+import reference as ref
+
+BACKENDS = ["math", "merge", "sdpa"]
+B, H, N, D, L = 3, 4, 11, 8, 5
+
+
+def assert_grad_close(got, want):
+    """1e-5 on the gradient's own scale: fp32 accumulation over N + L terms of magnitudes up to |want|."""
+    want = want.double()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+def _qkv(dtype=torch.float32):
+    qkv = torch.randn(B, N, 3, H, D, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views, as timm produces them
+    return qkv, q, k, v
+
+
+def _check(backend, pk_flat, pv_flat, pk_h, pv_h, gate=None, ref_gate=None, bias=None, logits=None):
+    qkv, q, k, v = _qkv()
+    leaves = [qkv, pk_flat, pv_flat] + ([bias] if bias is not None and bias.requires_grad else [])
+    leaves += list(gate.parameters()) if gate is not None else []
+    prefix = Prefix(pk_flat, pv_flat, logits) if logits is not None else (pk_flat, pv_flat)
+    out = prefix_attention(q, k, v, prefix, gate=gate, attn_bias=bias, backend=backend)
+    expected = ref.prefix_attention(
+        q, k, v, pk_h(), pv_h(), scale=D**-0.5, gate=ref_gate, bias=None if bias is None else bias.expand(B, H, N, N),
+        logits=None if logits is None else logits.expand(B, H, 1, -1)
+    )
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    w = torch.randn_like(expected)
+    got = torch.autograd.grad((out.double() * w).sum(), leaves)
+    want = torch.autograd.grad((expected * w).sum(), leaves)
+    for g, e in zip(got, want):
+        assert_grad_close(g, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ["shared", "per_sample", "per_head"])
+def test_linear_gate_all_prefix_shapes(backend, shape):
+    if shape == "shared":
+        pk = torch.randn(L, H * D, requires_grad=True)
+        pv = torch.randn(L, H * D, requires_grad=True)
+
+        def pk_h():
+            return ref.heads(pk, H).unsqueeze(0).expand(B, -1, -1, -1)
+
+        def pv_h():
+            return ref.heads(pv, H).unsqueeze(0).expand(B, -1, -1, -1)
+    elif shape == "per_sample":
+        pk = torch.randn(B, L, H * D, requires_grad=True)
+        pv = torch.randn(B, L, H * D, requires_grad=True)
+
+        def pk_h():
+            return ref.heads(pk, H)
+
+        def pv_h():
+            return ref.heads(pv, H)
+    else:
+        pk = torch.randn(B, H, L, D, requires_grad=True)
+        pv = torch.randn(B, H, L, D, requires_grad=True)
+
+        def pk_h():
+            return pk
+
+        def pv_h():
+            return pv
+    _check(backend, pk, pv, pk_h, pv_h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "gelu"])
+def test_norga_gate_with_bias(backend, act):
+    pk = torch.randn(B, L, H * D, requires_grad=True)
+    pv = torch.randn(B, L, H * D, requires_grad=True)
+    gate = NoRGaGate(act, alpha=0.8, tau=1.7)
+    bias = torch.randn(1, H, N, N, requires_grad=True)
+    _check(backend, pk, pv, lambda: ref.heads(pk, H), lambda: ref.heads(pv, H), gate=gate,
+           ref_gate=lambda s: ref.norga_gate(s, act, gate.alpha.double(), gate.tau.double()), bias=bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_constant_logits_replace_scores(backend):
+    pk = torch.randn(B, H, L, D, requires_grad=True)
+    pv = torch.randn(B, H, L, D, requires_grad=True)
+    logits = torch.randn(B, H, 1, L, requires_grad=True)
+    qkv, q, k, v = _qkv()
+    out = prefix_attention(q, k, v, Prefix(pk, pv, logits), backend=backend)
+    expected = ref.prefix_attention(q, k, v, pk, pv, scale=D**-0.5, logits=logits)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    w = torch.randn_like(expected)
+    leaves = [qkv, pv, logits]
+    for g, e in zip(torch.autograd.grad((out.double() * w).sum(), leaves),
+                    torch.autograd.grad((expected * w).sum(), leaves)):
+        assert_grad_close(g, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_scores_are_stable(backend):
+    qkv, q, k, v = _qkv()
+    q = q * 30
+    pk = torch.randn(B, L, H * D) * 30
+    pv = torch.randn(B, L, H * D)
+    out = prefix_attention(q, k, v, (pk, pv), gate=NoRGaGate("sigmoid"), backend=backend)
+    assert torch.isfinite(out).all()
+    expected = ref.prefix_attention(q, k, v, ref.heads(pk, H), ref.heads(pv, H), scale=D**-0.5,
+                                     gate=lambda s: ref.norga_gate(s, "sigmoid", 1.0, 1.0))
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+
+
+def test_no_prefix_and_empty_prefix_equal_plain_attention():
+    _, q, k, v = _qkv()
+    plain = torch.softmax(q @ k.transpose(-1, -2) * D**-0.5, -1) @ v
+    torch.testing.assert_close(prefix_attention(q, k, v), plain, rtol=0, atol=1e-6)
+    empty = torch.zeros(0, H * D)
+    torch.testing.assert_close(prefix_attention(q, k, v, (empty, empty)), plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["merge", "sdpa", "math"])
+def test_low_precision_close_to_fp32(dtype, backend):
+    _, q, k, v = _qkv()
+    pk, pv = torch.randn(L, H * D), torch.randn(L, H * D)
+    gate = NoRGaGate("tanh")
+    full = prefix_attention(q, k, v, (pk, pv), gate=gate, backend="math")
+    low = prefix_attention(q.to(dtype), k.to(dtype), v.to(dtype), (pk.to(dtype), pv.to(dtype)), gate=gate,
+                           backend=backend)
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), full, rtol=0, atol=5e-2)
+
+
+def test_backend_selection():
+    _, q, _, _ = _qkv()
+    assert "merge" in available_backends("cpu")
+    assert select_backend(q, "auto") == "merge"
+    assert select_backend(q, "auto", dropout_p=0.1) == "sdpa"
+    with pytest.raises(ValueError, match="does not support attention dropout"):
+        select_backend(q, "merge", dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"unknown backend 'flash2'"):
+        select_backend(q, "flash2")
+
+
+def test_prefix_shape_errors():
+    with pytest.raises(ValueError, match=r"prefix width must be num_heads \* head_dim = 32, got .*\(5, 30\)"):
+        normalize_prefix((torch.randn(5, 30), torch.randn(5, 30)), 2, 4, 8)
+    with pytest.raises(ValueError, match=r"same shape, got key \(5, 32\) and value \(6, 32\)"):
+        normalize_prefix((torch.randn(5, 32), torch.randn(6, 32)), 2, 4, 8)
+    with pytest.raises(ValueError, match=r"prefix batch must be 1 or B=2, got 3"):
+        normalize_prefix((torch.randn(3, 5, 32), torch.randn(3, 5, 32)), 2, 4, 8)
+    with pytest.raises(ValueError, match=r"\(B, H=4, L, D=8\), got \(2, 3, 5, 8\)"):
+        normalize_prefix((torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)), 2, 4, 8)
+    with pytest.raises(ValueError, match=r"prefix must have shape"):
+        normalize_prefix((torch.randn(32), torch.randn(32)), 2, 4, 8)
+    with pytest.raises(TypeError, match=r"norga.Prefix or a \(key, value\) pair"):
+        normalize_prefix(torch.randn(5, 32), 2, 4, 8)
+    with pytest.raises(TypeError, match=r"must be tensors"):
+        normalize_prefix(([1.0], [1.0]), 2, 4, 8)
+    with pytest.raises(ValueError, match=r"logits must have shape \(1 or B=2, H=4, 1 or N=7, L=5\), got \(2, 4, 3, 5\)"):
+        normalize_prefix(Prefix(torch.randn(5, 32), torch.randn(5, 32), torch.randn(2, 4, 3, 5)), 2, 4, 8, 7)
