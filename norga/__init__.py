@@ -15,6 +15,7 @@ from .functional import Prefix, prefix_attention
 from .gates import NoRGaGate
 from .patch import attention_layers, patch_vit, patched_layers, supported_families, unpatch_vit
 from .prompts import PoolPrompt, PrefixPool, PrefixPrompt, set_task, use_task
+from .smope import SMoPE, SMoPEFactory, end_task, set_dense, smope_factory, smope_layers, smope_losses
 
 __version__ = "0.1.0"
 
@@ -26,11 +27,18 @@ __all__ = [
     "PrefixMoEAttention",
     "PrefixPool",
     "PrefixPrompt",
+    "SMoPE",
+    "SMoPEFactory",
     "attention_layers",
+    "end_task",
     "patch_vit",
     "patched_layers",
     "prefix_attention",
+    "set_dense",
     "set_task",
+    "smope_factory",
+    "smope_layers",
+    "smope_losses",
     "supported_families",
     "unpatch_vit",
     "use_task",

@@ -342,12 +342,14 @@ LayerSpec = Union[Sequence[int], str, None]
 PromptSpec = Union[PrefixPool, Callable[[int, nn.Module], Optional[nn.Module]], None]
 
 
-def _select_layers(layers: LayerSpec, found: list[AttentionLayer]) -> list[AttentionLayer]:
+def _select_layers(
+    layers: LayerSpec, found: list[AttentionLayer], default: Sequence[int] = DEFAULT_LAYERS
+) -> list[AttentionLayer]:
     eligible = [layer for layer in found if not layer.windowed]
     if layers is None:
-        chosen = [layer for layer in eligible if layer.index in DEFAULT_LAYERS]
-        if len(chosen) < min(len(DEFAULT_LAYERS), len(eligible)):  # e.g. SAM: first global blocks instead
-            chosen = eligible[: len(DEFAULT_LAYERS)]
+        chosen = [layer for layer in eligible if layer.index in default]
+        if len(chosen) < min(len(default), len(eligible)):  # e.g. SAM: first global blocks instead
+            chosen = eligible[: len(default)]
         return chosen
     if isinstance(layers, str):
         if layers != "all":
@@ -392,7 +394,8 @@ def patch_vit(
             ``NoRGaGate("sigmoid")``. Each patched layer gets its own deep copy, i.e. its own
             ``(alpha, tau)``, as the authors run it.
         layers: Indices into :func:`attention_layers` (block order) to patch and prompt; ``None`` is
-            NoRGa's blocks 0-4 (the first five global-attention layers where some are windowed);
+            NoRGa's blocks 0-4 (the first five global-attention layers where some are windowed), or the
+            prompt factory's ``default_layers`` (blocks 0-5 for :func:`norga.smope_factory`);
             ``"all"`` patches every global-attention layer.
         prompt: Where each patched layer's prefix comes from:
 
@@ -401,7 +404,8 @@ def patch_vit(
               ``model.prompt_pool``; layer ``j`` of the selection reads slice ``j``; choose tasks with
               :func:`norga.set_task`;
             * a callable ``factory(layer_index, attn_module) -> nn.Module | None``, e.g.
-              ``lambda i, attn: norga.SMoPE(768, 12)``.
+              :func:`norga.smope_factory` (an SMoPE per layer, sized from the layer) or
+              ``lambda i, attn: norga.PrefixPrompt(length=8, dim=768)``.
         backend: Prefix-attention backend of the patched layers (see :mod:`norga.functional`).
         filter_fn: Optional ``filter_fn(module, name) -> bool`` to further restrict the patched layers.
 
@@ -426,7 +430,8 @@ def patch_vit(
         raise ValueError("patch_vit: the model is already patched; call norga.unpatch_vit(model) first")
     if any(layer.name == "" for layer in found):
         raise ValueError("patch_vit expects a model that contains attention layers, not a single attention layer")
-    chosen = _select_layers(layers, found)
+    default = tuple(getattr(prompt, "default_layers", DEFAULT_LAYERS))  # SMoPE factories: blocks 0-5
+    chosen = _select_layers(layers, found, default)
     if filter_fn is not None:
         chosen = [layer for layer in chosen if filter_fn(layer.module, layer.name)]
     if not chosen:

@@ -1,0 +1,321 @@
+"""SMoPE: routing, row-constant logits, adaptive noise, usage, losses, state, batch invariance, errors.
+
+References are written here from NOTES ("SMoPE as the authors ran it"), one sample and head at a time
+in float64, without calling norga's routing.
+"""
+
+import io
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import norga
+from norga import NoRGaGate, PrefixMoEAttention, SMoPE
+
+import reference as ref
+
+DIM, HEADS, E, K = 32, 4, 10, 3
+HD = DIM // HEADS
+
+
+def _route_ref(q, keys, frequent=None, eps=0.0):
+    """Per (b, h): s_j = mean_n(q_n) . key_j; noisy = s - eps * (max s - min s) * frequent_j; top-K of noisy."""
+    B, H = q.shape[:2]
+    sel, s_all = [], torch.empty(B, H, keys.shape[1], dtype=torch.float64)
+    for b in range(B):
+        row = []
+        for h in range(H):
+            qm = q[b, h].double().sum(0) / q.shape[2]
+            s = torch.stack([(qm * keys[h, j].double()).sum() for j in range(keys.shape[1])])
+            s_all[b, h] = s
+            noisy = s.clone()
+            if frequent is not None:
+                noisy = s - eps * (s.max() - s.min()) * frequent[h].double()
+            order = sorted(range(len(s)), key=lambda j: -noisy[j].item())
+            row.append(order[:K])
+        sel.append(row)
+    return sel, s_all
+
+
+def _smope(**kw):
+    torch.manual_seed(0)
+    return SMoPE(DIM, HEADS, num_experts=E, top_k=K, **kw)
+
+
+def test_parameters_are_one_tensor_each():
+    m = _smope()
+    assert [n for n, _ in m.named_parameters()] == ["keys", "values"]
+    assert m.keys.shape == m.values.shape == (HEADS, E, HD)
+    assert 0 <= float(m.keys.detach().min()) and float(m.keys.detach().max()) < 1  # U[0, 1)
+    assert {n for n, _ in m.named_buffers()} == {"usage", "frequent", "key_snapshot", "has_snapshot"}
+
+
+def test_routing_matches_top_k_reference():
+    m = _smope().eval()
+    q = torch.randn(5, HEADS, 7, HD)
+    p = m(q)
+    sel, s = _route_ref(q, m.keys.detach())
+    assert p.indices.shape == (5, HEADS, K)
+    for b in range(5):
+        for h in range(HEADS):
+            assert sorted(p.indices[b, h].tolist()) == sorted(sel[b][h])
+            torch.testing.assert_close(p.key[b, h], m.keys[h, p.indices[b, h]])
+            torch.testing.assert_close(p.value[b, h], m.values[h, p.indices[b, h]])
+            expected = m.scale * s[b, h, p.indices[b, h]]
+            torch.testing.assert_close(p.logits[b, h, 0].double(), expected, rtol=0, atol=1e-5)
+    assert p.logits.shape == (5, HEADS, 1, K)
+
+
+@pytest.mark.parametrize("gate", [None, "tanh", "sigmoid"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_output_matches_row_constant_reference(gate, fused):
+    torch.manual_seed(1)
+    smope = SMoPE(DIM, HEADS, num_experts=E, top_k=K, gate=NoRGaGate(gate, alpha=0.7, tau=1.3) if gate else None)
+    layer = PrefixMoEAttention(DIM, num_heads=HEADS, qkv_bias=True, prompt=smope).eval()
+    layer.fused_attn = fused
+    x = torch.randn(3, 6, DIM)
+    out = layer(x)
+
+    qkv = x.double() @ layer.qkv.weight.double().T + layer.qkv.bias.double()
+    q, k, v = (ref.heads(qkv[..., i * DIM : (i + 1) * DIM], HEADS) for i in range(3))
+    sel, s = _route_ref(q, smope.keys.detach())
+    idx = torch.tensor(sel)  # (B, H, K)
+    hh = torch.arange(HEADS).view(1, -1, 1)
+    pk, pv = smope.keys.detach()[hh, idx].double(), smope.values.detach()[hh, idx].double()
+    logits = (smope.scale * s.gather(-1, idx)).unsqueeze(2)  # one value for every query row
+    if gate:
+        logits = ref.norga_gate(logits, gate, 0.7, 1.3)
+    o = ref.prefix_attention(q, k, v, pk, pv, scale=HD**-0.5, logits=logits)
+    o = torch.cat([o[:, h] for h in range(HEADS)], dim=-1)
+    expected = o @ layer.proj.weight.double().T + layer.proj.bias.double()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_noise_moves_training_selection_and_not_evaluation():
+    m = _smope(noise_eps=1.0)
+    q = torch.randn(6, HEADS, 5, HD)
+    m.eval()
+    clean = m(q).indices
+    m.frequent.zero_()
+    for b in range(6):  # mark this batch's clean selections frequent
+        for h in range(HEADS):
+            m.frequent[h, clean[b, h]] = True
+    m.has_snapshot.fill_(True)
+    assert torch.equal(m(q).indices, clean)  # evaluation: deterministic, no noise
+    m.train()
+    noisy = m(q)
+    sel, s = _route_ref(q, m.keys.detach(), m.frequent, eps=1.0)
+    for b in range(6):
+        for h in range(HEADS):
+            assert sorted(noisy.indices[b, h].tolist()) == sorted(sel[b][h])
+            if (~m.frequent[h]).sum() >= K:  # eps=1: a frequent expert falls below every other one
+                assert not m.frequent[h, noisy.indices[b, h]].any()
+    # the noise changes the selection, never the attention logit
+    expected = m.scale * s.gather(-1, noisy.indices)
+    torch.testing.assert_close(noisy.logits[:, :, 0].double(), expected, rtol=0, atol=1e-5)
+    assert not torch.equal(noisy.indices.sort(-1).values, clean.sort(-1).values)
+
+
+def test_usage_counts_every_training_selection():
+    m = _smope().train()
+    seen = torch.zeros(HEADS, E)
+    for _ in range(3):
+        p = m(torch.randn(4, HEADS, 5, HD))
+        for h in range(HEADS):
+            seen[h] += torch.bincount(p.indices[:, h].flatten(), minlength=E)
+    torch.testing.assert_close(m.usage, seen)
+    assert m.usage.sum() == 3 * 4 * HEADS * K
+    m.eval()
+    m(torch.randn(4, HEADS, 5, HD))
+    torch.testing.assert_close(m.usage, seen)  # evaluation does not count
+
+
+def test_end_task_marks_frequent_experts_and_snapshots_keys():
+    m = _smope()
+    usage = torch.tensor([[4.0, 0, 2, 6, 0, 0, 1, 0, 0, 3]] * HEADS)
+    usage[1] = 0  # a head that never routed marks nothing
+    m.usage.copy_(usage)
+    m.end_task()
+    nonzero = usage[0][usage[0] > 0]
+    expected = (usage[0] >= nonzero.mean()) & (usage[0] > 0)  # mean of non-zero counts = 16/5
+    assert torch.equal(m.frequent[0], expected)
+    assert expected.tolist() == [True, False, False, True, False, False, False, False, False, False]
+    assert not m.frequent[1].any()
+    assert torch.equal(m.key_snapshot, m.keys.detach()) and bool(m.has_snapshot)
+
+
+def test_router_loss_matches_reference_and_has_gradients():
+    m = _smope(noise_eps=0.5).train()
+    m.frequent[:, :3] = True
+    q = torch.randn(4, HEADS, 5, HD)
+    p = m(q)
+    loss = m.router_loss()
+    _, s = _route_ref(q, m.keys.detach())
+    noisy = s - 0.5 * (s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True)) * m.frequent.double()
+    expected = 0.0
+    for b in range(4):
+        for h in range(HEADS):
+            logp = noisy[b, h] - torch.logsumexp(noisy[b, h], 0)
+            expected += -sum(logp[i] for i in p.indices[b, h].tolist())
+    assert math.isclose(loss.item(), expected / 4, rel_tol=1e-5)
+    loss.backward()
+    assert m.keys.grad is not None and m.keys.grad.abs().sum() > 0
+
+
+def test_router_loss_needs_a_sparse_forward():
+    m = _smope()
+    with pytest.raises(RuntimeError, match="sparse forward"):
+        m.router_loss()
+
+
+def test_prototype_loss():
+    m = _smope()
+    assert m.prototype_loss().item() == 0.0  # before any end_task
+    m.usage[:, :4] = torch.tensor([5.0, 3.0, 1.0, 4.0])
+    m.end_task()
+    at_snapshot = m.prototype_loss()
+    # independent reference: CE(P . K_now^T, argmax P . K_old^T) over frequent experts, mean per head, sum over heads
+    old = m.key_snapshot.double()
+    expected = 0.0
+    for h in range(HEADS):
+        protos = [j for j in range(E) if m.frequent[h, j]]
+        ces = []
+        for j in protos:
+            logits = torch.stack([(old[h, j] * m.keys[h, e].double()).sum() for e in range(E)])
+            target = int(torch.stack([(old[h, j] * old[h, e]).sum() for e in range(E)]).argmax())
+            ces.append(torch.logsumexp(logits, 0) - logits[target])
+        expected += sum(ces) / len(ces)
+    assert math.isfinite(at_snapshot.item())
+    assert math.isclose(at_snapshot.item(), float(expected), rel_tol=1e-5)
+    with torch.no_grad():
+        m.keys.copy_(m.keys.flip(1) + 0.5 * torch.randn_like(m.keys))  # keys move away from the snapshot
+    moved = m.prototype_loss()
+    assert moved.item() > at_snapshot.item()
+    moved.backward()
+    assert m.keys.grad is not None and m.keys.grad.abs().sum() > 0
+
+
+def test_dense_warm_up_uses_every_expert():
+    m = _smope().train()
+    m.dense = True
+    p = m(torch.randn(2, HEADS, 5, HD))
+    assert p.key.shape == (2, HEADS, E, HD) and p.logits.shape == (2, HEADS, 1, E)
+    assert torch.equal(p.indices[0, 0], torch.arange(E))
+    assert m.usage.sum() == 0
+
+
+def test_state_dict_round_trip():
+    m = _smope().train()
+    for _ in range(2):
+        m(torch.randn(4, HEADS, 5, HD))
+    m.end_task()
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    other = SMoPE(DIM, HEADS, num_experts=E, top_k=K)
+    other.load_state_dict(torch.load(buf))
+    for name in ("usage", "frequent", "key_snapshot", "has_snapshot", "keys", "values"):
+        assert torch.equal(getattr(other, name), getattr(m, name)), name
+    q = torch.randn(3, HEADS, 5, HD)
+    other.train()
+    assert torch.equal(other(q).indices, m(q).indices)  # the noise depends on restored state
+    torch.testing.assert_close(other.prototype_loss(), m.prototype_loss())
+
+
+def _tiny_vit(depth=8):
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=depth, num_classes=5
+    )
+
+
+def test_patch_vit_default_layers_and_model_helpers():
+    model = norga.patch_vit(_tiny_vit(), prompt=norga.smope_factory(num_experts=6, top_k=2))
+    assert [layer.index for layer in norga.patched_layers(model)] == [0, 1, 2, 3, 4, 5]
+    layers = norga.smope_layers(model)
+    assert len(layers) == 6 and all(m.num_heads == 3 and m.dim == 192 and m.top_k == 2 for m in layers)
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(m.keys.grad is not None and m.values.grad.abs().sum() > 0 for m in layers)
+    router, proto = norga.smope_losses(model)
+    assert proto.item() == 0.0
+    torch.testing.assert_close(router, sum(m.router_loss() for m in layers))
+    norga.end_task(model)
+    assert all(bool(m.has_snapshot) for m in layers)
+    router, proto = norga.smope_losses(model)
+    assert proto.item() > 0 and proto.requires_grad
+    norga.set_dense(model, True)
+    assert all(m.dense for m in layers)
+    sd = model.state_dict()
+    assert "blocks.0.attn.prompt.usage" in sd and "blocks.5.attn.prompt.key_snapshot" in sd
+
+
+def test_patch_vit_smope_with_explicit_layers_and_gate():
+    model = norga.patch_vit(_tiny_vit(), layers=[1, 3], prompt=norga.smope_factory(4, 2, gate=NoRGaGate("gelu")))
+    layers = norga.smope_layers(model)
+    assert [layer.index for layer in norga.patched_layers(model)] == [1, 3]
+    assert layers[0].gate is not layers[1].gate  # each layer its own alpha, tau
+
+
+def test_batch_invariance_in_eval():
+    model = norga.patch_vit(_tiny_vit(depth=6), prompt=norga.smope_factory(num_experts=8, top_k=3)).eval()
+    x = torch.randn(5, 3, 32, 32)
+    full = model(x)
+    for i in range(5):
+        torch.testing.assert_close(model(x[i : i + 1]), full[i : i + 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(x.flip(0)), full.flip(0), rtol=0, atol=1e-5)
+
+
+def test_helpers_need_smope():
+    with pytest.raises(ValueError, match="no norga.SMoPE"):
+        norga.smope_losses(_tiny_vit(depth=2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"num_experts": 4, "top_k": 5}, ValueError, "top_k must be <= num_experts, got top_k=5 and num_experts=4"),
+        ({"dim": 30}, ValueError, "divisible by num_heads, got dim=30 and num_heads=4"),
+        ({"noise_eps": float("nan")}, ValueError, "noise_eps must be finite"),
+        ({"top_k": 0}, ValueError, "top_k must be >= 1, got 0"),
+        ({"num_experts": 2.5}, TypeError, "num_experts must be an int"),
+    ],
+)
+def test_constructor_errors(kwargs, err, match):
+    args = {"dim": DIM, "num_heads": HEADS, **kwargs}
+    with pytest.raises(err, match=match):
+        SMoPE(**args)
+    if set(kwargs) <= {"num_experts", "top_k", "noise_eps"}:
+        with pytest.raises(err, match=match):
+            norga.smope_factory(**{"num_experts": 25, "top_k": 5, **kwargs})
+
+
+@pytest.mark.parametrize("shape", [(2, HEADS, 5), (2, HEADS + 1, 5, HD), (2, HEADS, 5, HD + 1), (2, HEADS, 0, HD)])
+def test_q_of_the_wrong_shape(shape):
+    with pytest.raises(ValueError, match=r"q must have shape \(B, H=4, N>=1, D=8\), got"):
+        _smope()(torch.randn(shape))
+
+
+def test_q_must_be_a_float_tensor():
+    with pytest.raises(TypeError, match="q must be"):
+        _smope()(torch.ones(2, HEADS, 5, HD, dtype=torch.long))
+    with pytest.raises(TypeError, match="q must be a tensor"):
+        _smope()([1, 2])
+
+
+@pytest.mark.slow
+def test_compiles_fullgraph():
+    model = norga.patch_vit(_tiny_vit(depth=6), prompt=norga.smope_factory(num_experts=8, top_k=3))
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    eager = model(x)
+    usage = [m.usage.clone() for m in norga.smope_layers(model)]
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    for before, m in zip(usage, norga.smope_layers(model)):
+        torch.testing.assert_close(m.usage, 2 * before)  # the buffer update happens in the compiled graph too
+    assert F.mse_loss(out, torch.zeros_like(out)).isfinite()
