@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from .attention import PrefixAttentionMixin, PrefixMoEAttention
+from .cl import freeze_gates
 from .functional import Prefix, prefix_attention
 from .gates import NoRGaGate
 from .patch import attention_layers, patch_vit, patched_layers, supported_families, unpatch_vit
@@ -31,6 +32,7 @@ __all__ = [
     "SMoPEFactory",
     "attention_layers",
     "end_task",
+    "freeze_gates",
     "patch_vit",
     "patched_layers",
     "prefix_attention",

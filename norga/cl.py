@@ -34,6 +34,7 @@ __all__ = [
     "cumulative_average",
     "final_average",
     "forgetting",
+    "freeze_gates",
     "mask_to_task",
     "mask_unseen_logits",
     "remap_labels",
@@ -872,3 +873,36 @@ def task_id_accuracy(pred_task: Tensor, true_task: Tensor) -> float:
     if pred_task.numel() == 0:
         raise ValueError("task_id_accuracy needs at least one sample, got 0")
     return 100.0 * float((pred_task == true_task.to(pred_task.device)).double().mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Gates
+# --------------------------------------------------------------------------------------------------
+
+
+def freeze_gates(model: nn.Module, frozen: bool = True) -> int:
+    """Stops (or restarts) training every NoRGa gate's ``alpha`` and ``tau`` in ``model``.
+
+    The NoRGa authors train ``alpha`` and ``tau`` during the first task only and freeze them after
+    it. This sets ``requires_grad`` of those parameters; call it before building the optimizer (or
+    before wrapping the model in DDP, which fixes the set of trainable parameters when it is built).
+
+    Args:
+        model: A patched model (or a wrapper of one).
+        frozen: ``True`` freezes, ``False`` makes the gates trainable again.
+
+    Returns:
+        The number of gates with learnable ``alpha``/``tau`` that were changed.
+
+    Raises:
+        ValueError: If ``model`` has no :class:`norga.NoRGaGate` with learnable ``alpha``/``tau``.
+    """
+    from .gates import NoRGaGate
+
+    gates = [m for m in model.modules() if isinstance(m, NoRGaGate) and m.learnable]
+    if not gates:
+        raise ValueError("freeze_gates: the model has no NoRGaGate with learnable alpha/tau")
+    for gate in gates:
+        for p in (gate.alpha, gate.tau):
+            p.requires_grad_(not frozen)
+    return len(gates)

@@ -23,7 +23,7 @@ the pool through ``.modules()``)::
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 import torch
 from torch import nn
@@ -101,6 +101,10 @@ class PrefixPool(nn.Module):
         self.prompts = nn.Parameter(torch.empty(num_tasks, num_layers, 2, length, dim))
         _init_(self.prompts, init)
         self.task = 0
+        #: Tasks ``< frozen_before`` are frozen (see :meth:`freeze_tasks_before`); 0: none.
+        self.frozen_before = 0
+        # values of the frozen tasks when they were frozen; restored by restore_frozen_()
+        self.register_buffer("frozen_values", torch.empty(0, *self.prompts.shape[1:]), persistent=False)
 
     @property
     def num_tasks(self) -> int:
@@ -149,11 +153,97 @@ class PrefixPool(nn.Module):
         task = self.task
         if isinstance(task, int):
             kv = self.prompts[task, layer]
+            if task < self.frozen_before:
+                kv = kv.detach()
             return Prefix(kv[0], kv[1])
         if task.shape[0] != batch:
             raise ValueError(f"{task.shape[0]} task ids were set but the batch has {batch} samples")
         kv = self.prompts[:, layer].index_select(0, task)  # (B, 2, L, dim)
+        if self.frozen_before:
+            frozen = (task < self.frozen_before).view(-1, 1, 1, 1)
+            kv = torch.where(frozen, kv.detach(), kv)
         return Prefix(kv[:, 0], kv[:, 1])
+
+    def _check_task_index(self, name: str, task: int) -> int:
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"{name} must be an int, got {type(task).__name__} ({task!r})")
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"{name} must be in [0, {self.num_tasks}), got {task}")
+        return task
+
+    def copy_task_(self, src: int, dst: int) -> None:
+        """Copy task ``src``'s prompts (every layer, key and value) into task ``dst``, in place.
+
+        The NoRGa / HiDe-Prompt authors start task ``t`` from the prompt of task ``t - 1``:
+        ``pool.copy_task_(t - 1, t)`` before training task ``t``. Gradients and optimizer state are
+        not touched.
+
+        Raises:
+            TypeError: ``src`` or ``dst`` is not an int.
+            ValueError: ``src`` or ``dst`` is out of range, or ``dst`` is a frozen task.
+        """
+        self._check_task_index("src", src)
+        self._check_task_index("dst", dst)
+        if dst < self.frozen_before:
+            raise ValueError(f"dst={dst} is frozen (tasks < {self.frozen_before} are); unfreeze it first")
+        with torch.no_grad():
+            self.prompts[dst].copy_(self.prompts[src])
+
+    def freeze_tasks_before(self, task: int) -> None:
+        """Freeze the prompts of tasks ``< task`` (``0`` unfreezes every task).
+
+        Two things happen:
+
+        * **Gradient mask.** The forward hands frozen tasks' prefixes out detached, so
+          ``prompts.grad`` is exactly zero on their rows. The pool stays one Parameter that every
+          forward uses, so DDP needs no ``find_unused_parameters`` and ``torch.compile`` and
+          ``copy.deepcopy`` keep the freeze (it is module state, not a tensor hook).
+        * **Snapshot.** Their current values are kept (``frozen_values``, not in the
+          ``state_dict``) so :meth:`restore_frozen_` can put them back.
+
+        A zero gradient is not enough with every optimizer: Adam/AdamW with weight decay, or any
+        optimizer with momentum or Adam moments left over from earlier tasks, still moves rows
+        whose gradient is zero. Call :meth:`restore_frozen_` after each ``optimizer.step()``, or
+        once with :meth:`protect` ``(optimizer)``, which does it in a step hook.
+
+        Raises:
+            TypeError: ``task`` is not an int.
+            ValueError: ``task`` is not in ``[0, num_tasks]``.
+        """
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"task must be an int, got {type(task).__name__} ({task!r})")
+        if not 0 <= task <= self.num_tasks:
+            raise ValueError(f"task must be in [0, {self.num_tasks}], got {task}")
+        self.frozen_before = task
+        self.frozen_values = self.prompts.detach()[:task].clone()
+
+    def train_only(self, task: int) -> None:
+        """Train task ``task``'s prompts with the earlier ones frozen: ``freeze_tasks_before(task)``.
+
+        Later tasks need no freezing while task ``task`` trains: no sample uses them, so their
+        gradient is zero (and they are overwritten by :meth:`copy_task_` before their turn).
+        """
+        self._check_task_index("task", task)
+        self.freeze_tasks_before(task)
+
+    def restore_frozen_(self) -> None:
+        """Write the snapshot taken by :meth:`freeze_tasks_before` back into the frozen tasks' rows."""
+        if self.frozen_before:
+            with torch.no_grad():
+                self.prompts[: self.frozen_before].copy_(self.frozen_values)
+
+    def protect(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Restore the frozen tasks after every ``optimizer.step()`` (weight decay, stale moments).
+
+        Returns:
+            The hook handle; ``handle.remove()`` stops it.
+
+        Raises:
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.restore_frozen_())
 
     def layer(self, index: int) -> "PoolPrompt":
         """A prompt module that delivers this pool's prefix for the ``index``-th prompted layer."""
@@ -162,7 +252,8 @@ class PrefixPool(nn.Module):
         return PoolPrompt(self, index)
 
     def extra_repr(self) -> str:
-        return f"num_tasks={self.num_tasks}, num_layers={self.num_layers}, length={self.length}, dim={self.dim}"
+        frozen = f", frozen_before={self.frozen_before}" if self.frozen_before else ""
+        return f"num_tasks={self.num_tasks}, num_layers={self.num_layers}, length={self.length}, dim={self.dim}{frozen}"
 
 
 class PoolPrompt(nn.Module):
