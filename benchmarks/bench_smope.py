@@ -4,7 +4,7 @@ Forward time of one ViT-B attention layer (dim 768, 12 heads, N=197 tokens) with
 
 ``norga_smope``
     :class:`norga.PrefixMoEAttention` with a :class:`norga.SMoPE` prompt (``E=25`` experts per head, top
-    ``K=5``): experts are one ``(H, E, D)`` tensor per layer, routing is one ``einsum`` + ``topk`` + gather,
+    ``K=5``): experts are one ``(H, E, D)`` tensor per layer, routing is one ``bmm`` + ``topk`` + ``index_select``,
     attention is norga's fused prefix attention.
 ``loop_ref``
     The authors' structure: one ``nn.Parameter`` per expert and head for keys and values (``2*H*E`` tiny
@@ -65,7 +65,7 @@ class LoopSMoPEAttention(nn.Module):
         E = self.num_experts
         keys = torch.stack([torch.stack([self.e_keys[h * E + j] for j in range(E)]) for h in range(HEADS)])
         values = torch.stack([torch.stack([self.e_values[h * E + j] for j in range(E)]) for h in range(HEADS)])
-        s = torch.einsum("bhd,hed->bhe", q.mean(2), keys)
+        s = (q.mean(2, keepdim=True) @ keys.transpose(-1, -2)).squeeze(2)
         idx = s.topk(self.top_k, dim=-1).indices
         heads = torch.arange(HEADS).view(1, -1, 1)
         pk, pv = keys[heads, idx], values[heads, idx]

@@ -145,8 +145,9 @@ class SMoPE(nn.Module):
     def scores(self, q: torch.Tensor) -> torch.Tensor:
         """Routing scores ``s = mean_n(q) . key`` in float32, shape ``(B, H, E)``."""
         self._check_q(q)
-        q_mean = q.float().mean(dim=2)  # (B, H, D)
-        return torch.einsum("bhd,hed->bhe", q_mean, self.keys.float())
+        q_mean = q.float().mean(dim=2).transpose(0, 1)  # (H, B, D)
+        # one (H, B, D) @ (H, D, E) bmm: no broadcast copy of the keys over the batch
+        return (q_mean @ self.keys.float().transpose(-1, -2)).transpose(0, 1)  # (B, H, E)
 
     def noisy_scores(self, s: torch.Tensor) -> torch.Tensor:
         """Scores used for *selection* in training: frequent experts get ``- eps * (max s - min s)``.
@@ -187,9 +188,11 @@ class SMoPE(nn.Module):
             indices ``(B, H, K)``.
         """
         idx, s = self.route(q)
-        heads = torch.arange(self.num_heads, device=idx.device).view(1, -1, 1)
-        key = self.keys[heads, idx]  # (B, H, K, D): advanced indexing gathers per sample and head
-        value = self.values[heads, idx]
+        # gather per sample and head: row h * E + j of the flattened (H * E, D) experts
+        flat = (idx + self.num_experts * torch.arange(self.num_heads, device=idx.device).view(1, -1, 1)).reshape(-1)
+        shape = (*idx.shape, self.head_dim)
+        key = self.keys.reshape(-1, self.head_dim).index_select(0, flat).view(shape)  # (B, H, K, D)
+        value = self.values.reshape(-1, self.head_dim).index_select(0, flat).view(shape)
         logits = (self.scale * s).unsqueeze(2)  # (B, H, 1, K)
         if self.gate is not None:
             logits = self.gate(logits)
@@ -236,9 +239,9 @@ class SMoPE(nn.Module):
         if not bool(self.has_snapshot) or not bool(self.frequent.any()):
             return zero
         old = self.key_snapshot
-        logits_now = torch.einsum("hpd,hed->hpe", old, self.keys)  # (H, E, E): every old key vs keys now
+        logits_now = old @ self.keys.transpose(-1, -2)  # (H, E, E): every old key against the keys now
         with torch.no_grad():
-            target = torch.einsum("hpd,hed->hpe", old, old).argmax(dim=-1)  # (H, E)
+            target = (old @ old.transpose(-1, -2)).argmax(dim=-1)  # (H, E): the expert each prototype matched
         ce = F.cross_entropy(logits_now.flatten(0, 1), target.flatten(), reduction="none").view(self.num_heads, -1)
         mask = self.frequent.to(ce.dtype)
         per_head = (ce * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1)
