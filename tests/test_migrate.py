@@ -1,0 +1,270 @@
+"""Migration from the authors' NoRGa / HiDe-Prompt / SMoPE checkpoints (norga.migrate).
+
+The authors' tensors are built here in their layout, each element encoding its own index, so a
+permutation error cannot pass; expected results come from the index formula or from the authors'
+attention equation (``NoRGa_Attention``: ``s + act(s * act_scale[0]) * act_scale[1]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import norga
+from norga.migrate import (
+    act_scale_to_gates,
+    authors_state_dict,
+    e_prompt_to_pool,
+    load_norga_checkpoint,
+    load_smope_checkpoint,
+    smope_experts,
+)
+
+H, D, DIM = 4, 16, 64
+
+
+def backbone(depth: int = 3, num_classes: int = 7):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=num_classes,
+        img_size=32,
+        patch_size=8,
+        depth=depth,
+        embed_dim=DIM,
+        num_heads=H,
+    ).eval()
+
+
+def coded_e_prompt(layers: int, pool: int, length: int, heads: int = H, head_dim: int = D) -> torch.Tensor:
+    """e_prompt.prompt (layers, 2, pool, L, H, D) whose element [i, kv, t, l, h, d] encodes its index."""
+    i, kv, t, l, h, d = torch.meshgrid(
+        *(torch.arange(n, dtype=torch.float64) for n in (layers, 2, pool, length, heads, head_dim)), indexing="ij"
+    )
+    return code(i, kv, t, l, h, d)
+
+
+def code(i, kv, t, l, h, d):
+    return (((((i * 2 + kv) * 10 + t) * 10 + l) * 10 + h) * 100 + d) / 1e5
+
+
+def test_e_prompt_to_pool_follows_the_index_formula():
+    layers, pool, length = 3, 4, 5
+    src = coded_e_prompt(layers, pool, length, heads=2, head_dim=3)
+    out = e_prompt_to_pool(src)
+    assert out.shape == (pool, layers, 2, length, 2 * 3)
+    t, i, kv, l, c = torch.meshgrid(
+        *(torch.arange(n, dtype=torch.float64) for n in (pool, layers, 2, length, 6)), indexing="ij"
+    )
+    expected = code(i, kv, t, l, torch.div(c, 3, rounding_mode="floor"), c % 3)  # flat column c = h * D + d
+    assert torch.equal(out, expected)
+    assert out.data_ptr() != src.data_ptr()
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4, 5, 6), (3, 3, 4, 5, 2, 3), (2, 4, 5, 2, 3, 1, 1)])
+def test_e_prompt_bad_shapes(shape):
+    with pytest.raises(ValueError, match=r"must have shape \(layers, 2, pool, length, num_heads, head_dim\)"):
+        e_prompt_to_pool(torch.zeros(shape))
+
+
+def test_e_prompt_bad_types():
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        e_prompt_to_pool([[1.0]])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="floating-point"):
+        e_prompt_to_pool(torch.zeros(1, 2, 1, 1, 1, 1, dtype=torch.long))
+
+
+def test_act_scale_index_0_is_tau_and_1_is_alpha():
+    act_scale = torch.tensor([[0.3, 1.7], [2.5, -0.4], [1.1, 0.6]]).view(3, 2, 1, 1)
+    gates = act_scale_to_gates(act_scale, "tanh")
+    s = torch.linspace(-4, 4, 101)
+    for i, gate in enumerate(gates):
+        assert float(gate.tau.detach()) == pytest.approx(float(act_scale[i, 0]))
+        assert float(gate.alpha.detach()) == pytest.approx(float(act_scale[i, 1]))
+        authors = s + torch.tanh(s * act_scale[i, 0]) * act_scale[i, 1]  # NoRGa_Attention.forward, (1, 101)
+        torch.testing.assert_close(gate(s).detach(), authors[0])
+        assert isinstance(gate.alpha, torch.nn.Parameter)
+    frozen = act_scale_to_gates(act_scale, "sigmoid", learnable=False)
+    assert not isinstance(frozen[0].alpha, torch.nn.Parameter)
+
+
+def test_act_scale_errors():
+    with pytest.raises(ValueError, match=r"act_scale must have shape \(layers, 2, 1, 1\)"):
+        act_scale_to_gates(torch.ones(3, 3, 1, 1), "tanh")
+    with pytest.raises(ValueError, match=r"act_scale must have shape \(layers, 2, 1, 1\)"):
+        act_scale_to_gates(torch.ones(3, 2, 2, 1), "tanh")
+    with pytest.raises(ValueError, match="non-finite"):
+        act_scale_to_gates(torch.tensor([float("nan"), 1.0]).view(1, 2, 1, 1), "tanh")
+    with pytest.raises(ValueError, match="unknown activation"):
+        act_scale_to_gates(torch.ones(1, 2, 1, 1), "swish")
+
+
+def authors_attention(attn, x, key_prefix, value_prefix, act_scale=None, act=torch.tanh):
+    """NoRGa_Attention / HiDe-Prompt PreT_Attention for one sample, from the authors' equations.
+
+    x: (1, N, C); key_prefix, value_prefix: (L, H, D) in the checkpoint layout.
+    """
+    B, N, C = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+    kp = key_prefix.permute(1, 0, 2).unsqueeze(0)  # (1, H, L, D)
+    vp = value_prefix.permute(1, 0, 2).unsqueeze(0)
+    scale = (C // H) ** -0.5
+    prompt_attn = (q @ kp.transpose(-2, -1)) * scale
+    if act_scale is not None:
+        prompt_attn = prompt_attn + act(prompt_attn * act_scale[0]) * act_scale[1]
+    scores = torch.cat([prompt_attn, (q @ k.transpose(-2, -1)) * scale], dim=-1).softmax(dim=-1)
+    out = (scores @ torch.cat([vp, v], dim=2)).transpose(1, 2).reshape(B, N, C)
+    return attn.proj(out)
+
+
+def _norga_ckpt(tasks=3, layers=2, length=4, act_scale=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    model = {
+        "e_prompt.prompt": torch.rand(layers, 2, tasks, length, H, D, generator=g) * 2 - 1,
+        "head.weight": torch.randn(7, DIM, generator=g),
+        "head.bias": torch.randn(7, generator=g),
+        "blocks.0.attn.qkv.weight": torch.randn(3 * DIM, DIM, generator=g),  # backbone keys are ignored
+    }
+    if act_scale:
+        # distinct tau (index 0) and alpha (index 1) per layer: swapping them changes the output
+        model["e_prompt.act_scale"] = torch.tensor([[0.5, 2.0], [1.5, 0.7]])[:layers].view(layers, 2, 1, 1)
+    return {"model": model, "epoch": 4}
+
+
+@pytest.mark.parametrize("norga_ckpt", [True, False], ids=["norga", "hide-prompt"])
+def test_loaded_layers_match_the_authors_attention(norga_ckpt):
+    ckpt = _norga_ckpt(act_scale=norga_ckpt)
+    state = ckpt["model"]
+    model = backbone()
+    qkv_before = model.blocks[0].attn.qkv.weight.clone()
+    load_norga_checkpoint(model, ckpt, activation="tanh" if norga_ckpt else None, layers=[0, 1])
+    assert torch.equal(model.blocks[0].attn.qkv.weight, qkv_before)  # the backbone is not touched
+    assert torch.equal(model.head.weight, state["head.weight"]) and torch.equal(model.head.bias, state["head.bias"])
+    assert [layer.index for layer in norga.patched_layers(model)] == [0, 1]
+    x = torch.randn(3, 17, DIM, generator=torch.Generator().manual_seed(5))
+    tasks = torch.tensor([2, 0, 1])
+    with torch.no_grad(), norga.use_task(model, tasks):
+        for i, block in enumerate(model.blocks[:2]):
+            got = block.attn(x)
+            for b, t in enumerate(tasks.tolist()):
+                ref = authors_attention(
+                    block.attn,
+                    x[b : b + 1],
+                    state["e_prompt.prompt"][i, 0, t],
+                    state["e_prompt.prompt"][i, 1, t],
+                    state["e_prompt.act_scale"][i] if norga_ckpt else None,
+                )
+                torch.testing.assert_close(got[b : b + 1], ref, rtol=1e-4, atol=1e-5)
+    for layer in norga.patched_layers(model):
+        assert (layer.module.prefix_gate is not None) == norga_ckpt
+
+
+def test_checkpoint_containers_and_paths(tmp_path):
+    ckpt = _norga_ckpt()
+    flat = {"module." + k: v for k, v in ckpt["model"].items()}  # saved from a DDP wrapper
+    assert set(authors_state_dict(flat)) == set(ckpt["model"])
+    assert set(authors_state_dict({"state_dict": ckpt["model"]})) == set(ckpt["model"])
+    path = tmp_path / "task2_checkpoint.pth"
+    torch.save(ckpt, path)
+    model = load_norga_checkpoint(backbone(), path, activation="tanh", layers=[0, 1])
+    assert torch.equal(model.prompt_pool.prompts, e_prompt_to_pool(ckpt["model"]["e_prompt.prompt"]))
+    pickled = tmp_path / "with_args.pth"
+    torch.save({**ckpt, "args": argparse.Namespace(lr=0.1)}, pickled)
+    with pytest.raises(ValueError, match="weights_only=False"):
+        authors_state_dict(pickled)
+    with pytest.raises(FileNotFoundError):
+        authors_state_dict(tmp_path / "nope.pth")
+
+
+def test_norga_checkpoint_errors():
+    with pytest.raises(ValueError, match="pass activation= the --gate_act"):
+        load_norga_checkpoint(backbone(), _norga_ckpt(), layers=[0, 1])
+    with pytest.raises(ValueError, match="has no e_prompt.act_scale"):
+        load_norga_checkpoint(backbone(), _norga_ckpt(act_scale=False), activation="tanh", layers=[0, 1])
+    with pytest.raises(ValueError, match=r"prompts for 2 layers but layers=\[0, 1, 2, 3, 4\] names 5"):
+        load_norga_checkpoint(backbone(depth=5), _norga_ckpt(), activation="tanh")
+    with pytest.raises(ValueError, match="no 'e_prompt.prompt' key"):
+        load_norga_checkpoint(backbone(), {"model": {"head.weight": torch.zeros(7, DIM)}}, activation="tanh")
+    wrong_heads = _norga_ckpt()
+    wrong_heads["model"]["e_prompt.prompt"] = torch.zeros(2, 2, 3, 4, 8, 8)
+    with pytest.raises(ValueError, match="has 8 heads of width 8, but layer 0 .* has 4 heads of width 16"):
+        load_norga_checkpoint(backbone(), wrong_heads, activation="tanh", layers=[0, 1])
+    with pytest.raises(ValueError, match=r"create the model with num_classes=7"):
+        load_norga_checkpoint(backbone(num_classes=10), _norga_ckpt(), activation="tanh", layers=[0, 1])
+    model = load_norga_checkpoint(
+        backbone(num_classes=10), _norga_ckpt(), activation="tanh", layers=[0, 1], include_head=False
+    )
+    assert model.prompt_pool.num_tasks == 3
+
+
+# ----------------------------------------------------------------------------------------------- SMoPE
+def smope_code(e, j, h, d, kv):
+    return 1000.0 * e + 100.0 * j + 10.0 * h + d / 100.0 + 0.5 * kv
+
+
+def smope_state(layers=(0, 1), experts=6, prefix="prompt."):
+    state = {}
+    for e in layers:
+        for j in range(experts):
+            for h in range(H):
+                for kv, name in enumerate(("pk", "pv")):
+                    state[f"{prefix}e_{name}_{e}_{j}_{h}"] = smope_code(
+                        e, j, h, torch.arange(D, dtype=torch.float64), kv
+                    ).view(1, D)
+    g = torch.Generator().manual_seed(3)
+    state["last.weight"] = torch.randn(7, DIM, generator=g, dtype=torch.float64)
+    state["last.bias"] = torch.randn(7, generator=g, dtype=torch.float64)
+    return state
+
+
+def test_smope_experts_follow_the_index_formula():
+    state = smope_state()
+    keys, values = smope_experts(state, 1)
+    assert keys.shape == values.shape == (H, 6, D)
+    h, j, d = torch.meshgrid(torch.arange(H), torch.arange(6), torch.arange(D), indexing="ij")
+    assert torch.equal(keys, smope_code(1, j.double(), h.double(), d.double(), 0))
+    assert torch.equal(values, smope_code(1, j.double(), h.double(), d.double(), 1))
+
+
+def test_load_smope_checkpoint():
+    state = smope_state(layers=(0, 1))
+    model = load_smope_checkpoint(backbone(), {"model": state}, layers=[1, 2], top_k=2, noise_eps=0.3)
+    smopes = norga.smope_layers(model)
+    assert [layer.index for layer in norga.patched_layers(model)] == [1, 2]
+    assert len(smopes) == 2
+    h, j, d = (t.double() for t in torch.meshgrid(torch.arange(H), torch.arange(6), torch.arange(D), indexing="ij"))
+    for e, m in enumerate(smopes):
+        assert m.num_experts == 6 and m.top_k == 2 and m.noise_eps == 0.3
+        torch.testing.assert_close(m.keys.double(), smope_code(e, j, h, d, 0), rtol=0, atol=1e-3)
+        torch.testing.assert_close(m.values.double(), smope_code(e, j, h, d, 1), rtol=0, atol=1e-3)
+        assert m.usage.sum() == 0 and not bool(m.has_snapshot)
+    torch.testing.assert_close(model.head.weight, state["last.weight"].float())
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_smope_errors():
+    state = smope_state()
+    del state["prompt.e_pv_0_3_2"]
+    with pytest.raises(ValueError, match=r"missing \['prompt.e_pv_0_3_2'\]"):
+        smope_experts(state, 0)
+    with pytest.raises(ValueError, match="no SMoPE expert parameters e_pk_5_"):
+        smope_experts(smope_state(), 5)
+    mixed = {**smope_state(prefix="prompt."), **smope_state(prefix="other.")}
+    with pytest.raises(ValueError, match="several prefixes"):
+        smope_experts(mixed, 0)
+    keys, _ = smope_experts(mixed, 0, prefix="other.")
+    assert keys.shape == (H, 6, D)
+    bad = smope_state()
+    bad["prompt.e_pk_0_0_0"] = torch.zeros(2, D, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"each expert must be a \(1, head_dim\) vector"):
+        smope_experts(bad, 0)
+    with pytest.raises(ValueError, match="not an SMoPE checkpoint"):
+        load_smope_checkpoint(backbone(), {"head.weight": torch.zeros(7, DIM)})
+    with pytest.raises(ValueError, match=r"SMoPE experts for 2 layers but layers=\[0, 1, 2, 3, 4, 5\]"):
+        load_smope_checkpoint(backbone(depth=6), smope_state())
