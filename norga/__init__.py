@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 
 from .attention import PrefixAttentionMixin, PrefixMoEAttention
+from .checkpoint import load_prompts, read_prompt_metadata, save_prompts
 from .cl import freeze_gates
+from .distributed import sync_smope_usage
 from .functional import Prefix, prefix_attention
 from .gates import NoRGaGate
+from .migrate import load_norga_checkpoint, load_smope_checkpoint
 from .patch import attention_layers, patch_vit, patched_layers, supported_families, unpatch_vit
 from .prompts import PoolPrompt, PrefixPool, PrefixPrompt, set_task, use_task
 from .smope import SMoPE, SMoPEFactory, end_task, set_dense, smope_factory, smope_layers, smope_losses
@@ -44,6 +47,12 @@ __all__ = [
     "supported_families",
     "unpatch_vit",
     "use_task",
+    "load_prompts",
+    "read_prompt_metadata",
+    "save_prompts",
+    "sync_smope_usage",
+    "load_norga_checkpoint",
+    "load_smope_checkpoint",
     "__version__",
 ]
 
