@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ._validation import check_mask
 from .functional import BACKENDS, Prefix, PrefixLike, attention_bias, normalize_prefix, prefix_attention
 from .gates import NoRGaGate, resolve_gate
 
@@ -88,6 +89,9 @@ class PrefixAttentionMixin:
             attn_mask: Float bias or boolean mask over the token keys (SDPA semantics).
             is_causal: Causal masking over the tokens (prefix columns stay visible).
         """
+        check_mask("attn_mask", attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        if is_causal and attn_mask is not None:
+            raise ValueError("attn_mask and is_causal=True are mutually exclusive")
         dropout_p = self.attn_drop.p if self.training else 0.0
         p = self._resolve_prefix(q, prefix)
         if p is None:
@@ -205,8 +209,18 @@ class PrefixMoEAttention(PrefixAttentionMixin, _TimmAttention):
             prefix: ``(key, value)`` or :class:`norga.Prefix`; if ``None`` the attached ``prompt`` (if any)
                 supplies it, else this is plain attention.
         """
-        if x.dim() != 3:
-            raise ValueError(f"x must be (B, N, dim), got shape {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor (B, N, dim), got {type(x).__name__}")
+        width = self.qkv.in_features
+        if x.dim() != 3 or x.shape[-1] != width:
+            raise ValueError(f"x must be (B, N, dim), got shape {tuple(x.shape)} (dim={width})")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dtype != self.qkv.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the layer's weights are {self.qkv.weight.dtype}; cast one of them "
+                "or run under torch.autocast"
+            )
         B, N, _ = x.shape
         out_gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)

@@ -26,7 +26,7 @@ Backends (``backend=``):
     additive mask on the prefix columns. Exact and differentiable everywhere, supports dropout, but
     materialises a ``B x H x N x (N + L)`` mask.
 ``"auto"``
-    ``merge`` where its kernel exists (CPU, no dropout), else ``sdpa``. See :func:`select_backend`.
+    ``merge`` where its kernel exists (CPU, no dropout, N and M > 0), else ``sdpa``. See :func:`select_backend`.
 
 All backends compute prefix scores, the gate, the softmax statistics and the merge in float32, and
 return the dtype of ``v``.
@@ -39,6 +39,8 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from ._validation import check_attention_inputs, check_prefix_dims, shape_str
 
 __all__ = [
     "Prefix",
@@ -105,6 +107,7 @@ def normalize_prefix(
         TypeError: ``prefix`` is not a pair of tensors.
         ValueError: the shapes do not match (the message names the expected and the given shape).
     """
+    check_prefix_dims(batch, num_heads, head_dim, num_queries)
     if isinstance(prefix, Prefix):
         key, value, logits, indices = prefix
     elif isinstance(prefix, (tuple, list)) and len(prefix) == 2:
@@ -122,8 +125,8 @@ def normalize_prefix(
         raise ValueError(
             f"prefix key and value must have the same shape, got key {_shape(key)} and value {_shape(value)}"
         )
-    if not key.is_floating_point():
-        raise TypeError(f"prefix key and value must be floating point, got {key.dtype}")
+    if not (key.is_floating_point() and value.is_floating_point()):
+        raise TypeError(f"prefix key and value must be floating point, got {key.dtype} and {value.dtype}")
     dim = num_heads * head_dim
     if key.dim() == 2:
         if key.shape[-1] != dim:
@@ -178,7 +181,11 @@ def prefix_scores(
     else:
         s = logits.float()
     if gate is not None:
+        shape = s.shape
         s = gate(s)
+        if not isinstance(s, torch.Tensor) or s.shape != shape:
+            got = shape_str(s) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"gate must be elementwise: expected a tensor of shape {shape_str(shape)}, got {got}")
     return s.expand(q.shape[0], q.shape[1], q.shape[2], prefix_key.shape[2])
 
 
@@ -289,8 +296,10 @@ class _MergeFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         # The fused backward recomputes P = exp(s - lse) and D = rowsum(dO * out). With the merged lse and
         # the merged output these are the token columns of the *full* softmax, so dq, dk, dv are exact.
+        # The kernel keeps float64 inputs' log-sum-exp in float64 (float32 otherwise).
+        lse_k = lse.double() if q.dtype == torch.float64 else lse.float()
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse.to(torch.float32), 0.0, False, attn_mask=bias, scale=scale
+            grad_out, q, k, v, out, lse_k, 0.0, False, attn_mask=bias, scale=scale
         )
         do32 = grad_out.float()
         delta = (do32 * out.float()).sum(dim=-1, keepdim=True)
@@ -390,10 +399,7 @@ def prefix_attention(
     Returns:
         ``(B, H, N, D)`` in the dtype of ``v``.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be (B, H, N, D); got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
-        )
+    check_attention_inputs(q, k, v, attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
     b, h, n, d = q.shape
     if scale is None:
         scale = d**-0.5
@@ -409,6 +415,14 @@ def prefix_attention(
     pv = pv.to(device=v.device)
     g = prefix_scores(q, pk, scale, gate, p.logits)
     name = select_backend(q, backend, dropout_p)
+    if name == "merge" and (n == 0 or k.shape[2] == 0):
+        # The fused CPU kernel divides by zero on empty sequences (it kills the process).
+        if backend == "merge":
+            raise ValueError(
+                f"backend 'merge' needs at least one query and one token key, got N={n}, M={k.shape[2]}; "
+                "use 'sdpa' or 'math'"
+            )
+        name = "sdpa"
     if name == "math":
         return _math(q, k, v, g, pv, attn_bias, scale, dropout_p)
     if name == "sdpa":

@@ -104,10 +104,26 @@ class NoRGaGate(nn.Module):
             self.register_buffer("tau", t)
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        """Return ``scores + alpha * act(tau * scores)``."""
+        """Return ``scores + alpha * act(tau * scores)``.
+
+        Raises:
+            TypeError: ``scores`` is not a floating-point tensor.
+            ValueError: a custom activation did not return a tensor of the shape of ``scores``.
+        """
+        if not isinstance(scores, torch.Tensor):
+            raise TypeError(f"NoRGaGate: scores must be a torch.Tensor, got {type(scores).__name__}")
+        if not scores.is_floating_point():
+            raise TypeError(f"NoRGaGate: scores must be a floating-point tensor, got dtype {scores.dtype}")
         alpha = self.alpha.to(scores.dtype)
         tau = self.tau.to(scores.dtype)
-        return scores + alpha * self.act(tau * scores)
+        a = self.act(tau * scores)
+        if not isinstance(a, torch.Tensor) or a.shape != scores.shape:
+            got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise ValueError(
+                f"NoRGaGate: activation {self.activation_name!r} must be elementwise: expected shape "
+                f"{tuple(scores.shape)}, got {got}"
+            )
+        return scores + alpha * a
 
     def freeze(self) -> "NoRGaGate":
         """Stop training ``alpha`` and ``tau`` (the authors freeze them after the first task)."""

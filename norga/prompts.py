@@ -149,7 +149,13 @@ class PrefixPool(nn.Module):
         Returns ``(L, dim)`` key/value for a single task, ``(B, L, dim)`` for per-sample task ids.
         Per-sample selection gathers along the task axis: sample ``b`` gets exactly
         ``prompts[task[b], layer]`` (no reshape across the batch).
+
+        Raises:
+            ValueError: ``layer`` is not in ``[0, num_layers)``, or the per-sample task ids do not match
+                ``batch``.
         """
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         task = self.task
         if isinstance(task, int):
             kv = self.prompts[task, layer]
@@ -282,6 +288,8 @@ class PoolPrompt(nn.Module):
 
 def prefix_pools(model: nn.Module) -> list[PrefixPool]:
     """Every :class:`PrefixPool` in ``model`` (through DDP / ``torch.compile`` wrappers too)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (a patched model), got {type(model).__name__}")
     return [m for m in model.modules() if isinstance(m, PrefixPool)]
 
 
