@@ -26,10 +26,12 @@ Backends (``backend=``):
     additive mask on the prefix columns. Exact and differentiable everywhere, supports dropout, but
     materialises a ``B x H x N x (N + L)`` mask.
 ``"auto"``
-    ``merge`` where its kernel exists (CPU, no dropout, N and M > 0), else ``sdpa``. See :func:`select_backend`.
+    By device, dtype and shape: ``merge`` where its kernel exists (CPU, any dtype the CPU flash kernel
+    takes, no dropout, N and M > 0), else ``sdpa``. The fastest gated backend on every CPU shape measured
+    (``docs/benchmarks.md``). See :func:`select_backend`.
 
-All backends compute prefix scores, the gate, the softmax statistics and the merge in float32, and
-return the dtype of ``v``.
+All backends compute prefix scores, the gate, the softmax statistics and the merge in float32 (with
+autocast disabled for those steps), and return the dtype of ``v``.
 """
 
 from __future__ import annotations
@@ -176,16 +178,18 @@ def prefix_scores(
     q: torch.Tensor, prefix_key: torch.Tensor, scale: float, gate: Gate = None, logits: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Gated prefix scores ``g(scale * q . pk)`` (or ``g(logits)``) in float32, shape ``(B, H, N, L)``."""
-    if logits is None:
-        s = torch.matmul(q.float(), prefix_key.float().transpose(-2, -1)) * scale
-    else:
-        s = logits.float()
-    if gate is not None:
-        shape = s.shape
-        s = gate(s)
-        if not isinstance(s, torch.Tensor) or s.shape != shape:
-            got = shape_str(s) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"gate must be elementwise: expected a tensor of shape {shape_str(shape)}, got {got}")
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        if logits is None:
+            # The scale goes on the small (L, D) key rather than on the (N, L) scores.
+            s = torch.matmul(q.float(), (prefix_key.float() * scale).transpose(-2, -1))
+        else:
+            s = logits.float()
+        if gate is not None:
+            shape = s.shape
+            s = gate(s)
+            if not isinstance(s, torch.Tensor) or s.shape != shape:
+                got = shape_str(s) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"gate must be elementwise: expected a tensor of shape {shape_str(shape)}, got {got}")
     return s.expand(q.shape[0], q.shape[1], q.shape[2], prefix_key.shape[2])
 
 
@@ -223,14 +227,15 @@ def _math(
     scale: float,
     dropout_p: float,
 ) -> torch.Tensor:
-    tok = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
-    if bias is not None:
-        tok = tok + bias.float()
-    attn = torch.cat([g, tok], dim=-1).softmax(dim=-1)
-    if dropout_p > 0.0:
-        attn = F.dropout(attn, p=dropout_p)
-    values = torch.cat([pv.float().expand(v.shape[0], -1, -1, -1), v.float()], dim=-2)
-    return torch.matmul(attn, values).to(v.dtype)
+    with torch.autocast(device_type=q.device.type, enabled=False):  # the reference stays float32
+        tok = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+        if bias is not None:
+            tok = tok + bias.float()
+        attn = torch.cat([g, tok], dim=-1).softmax(dim=-1)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        values = torch.cat([pv.float().expand(v.shape[0], -1, -1, -1), v.float()], dim=-2)
+        return torch.matmul(attn, values).to(v.dtype)
 
 
 def _sdpa(
@@ -248,13 +253,13 @@ def _sdpa(
     keys = torch.cat([pk.to(k.dtype).expand(b, -1, -1, -1), k], dim=-2)
     values = torch.cat([pv.to(v.dtype).expand(b, -1, -1, -1), v], dim=-2)
     # SDPA adds scale * q . pk itself on the prefix columns; the mask carries the rest of g.
-    linear = torch.matmul(q.float(), pk.float().transpose(-2, -1)) * scale
-    pre = (g - linear).to(q.dtype)
-    if bias is None:
-        tok = q.new_zeros(b, h, n, k.shape[-2])
-    else:
-        tok = bias.to(q.dtype).expand(b, h, n, k.shape[-2])
-    mask = torch.cat([pre, tok], dim=-1)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        linear = torch.matmul(q.float(), (pk.float() * scale).transpose(-2, -1))
+    length = pk.shape[-2]
+    mask = q.new_zeros(b, h, n, length + k.shape[-2])  # one B x H x N x (L + M) buffer, filled in place
+    mask[..., :length] = g - linear
+    if bias is not None:
+        mask[..., length:] = bias
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
@@ -265,7 +270,17 @@ def _cpu_flash_available() -> bool:
 
 
 class _MergeFunction(torch.autograd.Function):
-    """Fused token attention (with log-sum-exp) merged exactly with an explicit gated prefix block."""
+    """Fused token attention (with log-sum-exp) merged exactly with an explicit gated prefix block.
+
+    The fused kernel returns ``o_tok`` and ``lse_tok``. One softmax over the ``L + 1`` columns
+    ``[g_1, ..., g_L, lse_tok]`` gives at once the prefix block ``p`` of the full softmax and the weight
+    ``w = exp(lse_tok - lse)`` of the token part, so::
+
+        out = p @ pv + w * o_tok,      lse = logsumexp([g, lse_tok])  (only when a gradient is needed)
+
+    Few, large operations: on a busy CPU every extra elementwise pass costs a thread synchronisation.
+    Everything after the fused kernel runs in float32.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -277,45 +292,56 @@ class _MergeFunction(torch.autograd.Function):
         g: torch.Tensor,
         pv: torch.Tensor,
         scale: float,
+        need_lse: bool,
     ) -> torch.Tensor:
         o_tok, lse_tok = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )
-        lse = torch.logaddexp(lse_tok.float(), torch.logsumexp(g, dim=-1))
-        w_tok = torch.exp(lse_tok.float() - lse).unsqueeze(-1)
-        p_pre = torch.exp(g - lse.unsqueeze(-1))
-        out = (w_tok * o_tok.float() + torch.matmul(p_pre, pv.float())).to(v.dtype)
-        ctx.save_for_backward(q, k, v, bias, g, pv, out, lse)
+        length = g.shape[-1]
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            cols = torch.cat([g, lse_tok.float().unsqueeze(-1)], dim=-1)  # (B, H, N, L + 1) float32
+            weights = torch.softmax(cols, dim=-1)
+            # weights @ [pv; 0] = p @ pv, with a contiguous left operand (faster than the strided slice p)
+            pv_aug = torch.cat([pv.float(), pv.new_zeros(pv.shape[:-2] + (1, pv.shape[-1]), dtype=torch.float32)], -2)
+            pre = torch.matmul(weights, pv_aug)
+            if o_tok.dtype == torch.float32:
+                # in place in the kernel's output (its layout is what timm's head merge reads without a copy)
+                out = o_tok.mul_(weights[..., length:]).add_(pre)
+            else:
+                out = pre.addcmul_(o_tok, weights[..., length:]).to(v.dtype)
+            lse = torch.logsumexp(cols, dim=-1) if need_lse else cols.new_empty(0)
+        ctx.save_for_backward(q, k, v, bias, weights[..., :length], pv, out, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        q, k, v, bias, g, pv, out, lse = ctx.saved_tensors
+        q, k, v, bias, p_pre, pv, out, lse = ctx.saved_tensors
         scale = ctx.scale
         grad_out = grad_out.contiguous()
         # The fused backward recomputes P = exp(s - lse) and D = rowsum(dO * out). With the merged lse and
         # the merged output these are the token columns of the *full* softmax, so dq, dk, dv are exact.
         # The kernel keeps float64 inputs' log-sum-exp in float64 (float32 otherwise).
-        lse_k = lse.double() if q.dtype == torch.float64 else lse.float()
+        lse_k = lse.double() if q.dtype == torch.float64 else lse
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse_k, 0.0, False, attn_mask=bias, scale=scale
         )
-        do32 = grad_out.float()
-        delta = (do32 * out.float()).sum(dim=-1, keepdim=True)
-        p_pre = torch.exp(g - lse.unsqueeze(-1))
         dg = dpv = dbias = None
-        if ctx.needs_input_grad[4]:
-            dg = p_pre * (torch.matmul(do32, pv.float().transpose(-2, -1)) - delta)
-        if ctx.needs_input_grad[5]:
-            dpv = torch.matmul(p_pre.transpose(-2, -1), do32).to(pv.dtype)
-        if bias is not None and ctx.needs_input_grad[3]:
-            s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + bias.float()
-            p_tok = torch.exp(s - lse.unsqueeze(-1))
-            ds = p_tok * (torch.matmul(do32, v.float().transpose(-2, -1)) - delta)
-            dbias = ds.sum_to_size(bias.shape).to(bias.dtype)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            do32 = grad_out.float()
+            need_delta = ctx.needs_input_grad[4] or (bias is not None and ctx.needs_input_grad[3])
+            delta = (do32 * out.float()).sum(dim=-1, keepdim=True) if need_delta else None
+            if ctx.needs_input_grad[4]:
+                dg = torch.matmul(do32, pv.float().transpose(-2, -1)).sub_(delta).mul_(p_pre)
+            if ctx.needs_input_grad[5]:
+                dpv = torch.matmul(p_pre.transpose(-2, -1), do32).to(pv.dtype)
+            if bias is not None and ctx.needs_input_grad[3]:
+                s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + bias.float()
+                p_tok = torch.exp(s - lse.unsqueeze(-1))
+                ds = p_tok * (torch.matmul(do32, v.float().transpose(-2, -1)) - delta)
+                dbias = ds.sum_to_size(bias.shape).to(bias.dtype)
         # q's gradient through the prefix scores flows back through ``g``, outside this function.
-        return dq, dk, dv, dbias, dg, dpv, None
+        return dq, dk, dv, dbias, dg, dpv, None, None
 
 
 def _merge(
@@ -333,7 +359,10 @@ def _merge(
         if bias.dim() < 4:
             bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
     pv = pv.expand(b, h, -1, -1)
-    return _MergeFunction.apply(q, k, v, bias, g, pv, scale)
+    need_lse = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, bias, g, pv)
+    )
+    return _MergeFunction.apply(q, k, v, bias, g, pv, scale, need_lse)
 
 
 def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
@@ -364,7 +393,9 @@ def select_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.
                 f"available: {available_backends(q.device)}"
             )
         if dropout_p > 0.0:
-            raise ValueError(f"backend 'merge' does not support attention dropout (dropout_p={dropout_p}); use 'sdpa' or 'math'")
+            raise ValueError(
+                f"backend 'merge' does not support attention dropout (dropout_p={dropout_p}); use 'sdpa' or 'math'"
+            )
     return backend
 
 

@@ -1,0 +1,217 @@
+"""Layer benchmark: gated prefix attention (NoRGa, tanh gate) against the naive algorithm and the SDPA floor.
+
+For every shape ``(B, N, L)`` (ViT-B heads: 12 heads of 64) and mode (``fwd``: forward under ``no_grad``;
+``fwdbwd``: forward and backward with gradients for ``q, k, v`` and the prefix), every contender of
+:mod:`benchmarks.common` runs interleaved (round-robin) in one process; the table gives median
+milliseconds and the ratios to ``floor`` and to ``naive``. ``--memory`` adds the peak memory of each
+contender: on CPU the growth of ``ru_maxrss`` in a fresh child process per contender, on CUDA
+``torch.cuda.max_memory_allocated`` above what the inputs hold.
+
+Examples (run from the repository root)::
+
+    python benchmarks/bench_attention.py --quick --out results_attention_quick.json
+    python benchmarks/bench_attention.py --B 16 --N 197 --L 20 --repeats 30 --memory
+    python benchmarks/bench_attention.py --device cuda --dtype bfloat16 --B 16 64 --N 197 1025 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (
+    contenders,
+    format_table,
+    interleaved,
+    machine_info,
+    make_gate,
+    make_inputs,
+    median_ms,
+    peak_rss_child,
+    synchronize,
+    write_json,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_B = [1, 16, 64]
+DEFAULT_N = [197, 577, 1025]
+DEFAULT_L = [5, 20, 40]
+
+
+def runner(name: str, fn, inputs, gate, mode: str):
+    """A no-argument callable running ``fn`` once in ``mode`` (``fwd`` or ``fwdbwd``)."""
+    q, k, v, pk, pv = inputs
+    if mode == "fwd":
+
+        def run():
+            with torch.no_grad():
+                return fn(q, k, v, pk, pv, gate)
+
+        return run
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q)
+    leaves = [q, k, v, pk, pv]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = fn(q, k, v, pk, pv, gate)
+        out.backward(grad)
+        return out
+
+    return run
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """In a fresh process: build inputs, then report the ``ru_maxrss`` growth of one call (MiB)."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    fns = contenders(args.device)
+    inputs = make_inputs(
+        args.B[0], args.N[0], args.L[0], requires_grad=args.mode[0] == "fwdbwd", dtype=DTYPES[args.dtype]
+    )
+    gate = make_gate()
+    run = runner(args.memory_child, fns[args.memory_child], inputs, gate, args.mode[0])
+    # ru_maxrss is a high-water mark that importing torch has already raised above what the call adds. On
+    # Linux, writing 5 to /proc/self/clear_refs resets the process's high-water mark (VmHWM) to the current
+    # RSS, so VmHWM after the call minus VmRSS before it is the call's own peak. Where that is not possible
+    # the ru_maxrss growth is reported (a lower bound) and "reset" is false in the output.
+    reset = _reset_peak_rss()
+    before = _rss_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    after = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (after - before) / 1024.0, "reset": reset}))  # KiB on Linux
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def cuda_peak_mib(run, device) -> float:
+    synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_shape(b: int, n: int, length: int, mode: str, args: argparse.Namespace) -> List[Dict[str, object]]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    fns = contenders(device)
+    if args.contenders:
+        fns = {k: v for k, v in fns.items() if k in args.contenders}
+    inputs = make_inputs(b, n, length, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
+    gate = make_gate(device)
+    runs = {name: runner(name, fn, inputs, gate, mode) for name, fn in fns.items()}
+    times = interleaved(runs, repeats=args.repeats, warmup=args.warmup, device=device, clock=args.clock)
+    med = {name: median_ms(t) for name, t in times.items()}
+    peaks: Dict[str, float] = {}
+    if args.memory:
+        for name in fns:
+            if device.type == "cuda":
+                peaks[name] = cuda_peak_mib(runs[name], device)
+            else:
+                child = [
+                    os.path.abspath(__file__), "--memory-child", name, "--B", str(b), "--N", str(n),
+                    "--L", str(length), "--mode", mode, "--dtype", args.dtype, "--device", "cpu",
+                ]
+                if args.threads:
+                    child += ["--threads", str(args.threads)]
+                peaks[name] = peak_rss_child(child)["peak_mib"]
+    rows = []
+    for name in fns:
+        rows.append(
+            {
+                "B": b, "N": n, "L": length, "mode": mode, "contender": name, "device": device.type,
+                "dtype": args.dtype, "median_ms": med[name],
+                "min_ms": 1e3 * min(times[name]),
+                "vs_floor": med[name] / med["floor"] if "floor" in med else None,
+                "vs_naive": med[name] / med["naive"] if "naive" in med else None,
+                "peak_mib": peaks.get(name),
+                "repeats": args.repeats, "clock": args.clock, "threads": torch.get_num_threads(),
+            }
+        )
+    return rows
+
+
+def print_rows(rows: List[Dict[str, object]]) -> None:
+    header = ["B", "N", "L", "mode", "contender", "median ms", "vs floor", "vs naive", "peak MiB"]
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"
+    table = [
+        [r["B"], r["N"], r["L"], r["mode"], r["contender"], f"{r['median_ms']:.3f}", fmt(r["vs_floor"]),
+         fmt(r["vs_naive"]), "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"]
+        for r in rows
+    ]
+    print(format_table(table, header), flush=True)
+
+
+def main(argv: List[str] | None = None) -> List[Dict[str, object]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only the target shape B=16, N=197, L=20")
+    p.add_argument("--B", type=int, nargs="+", default=None, help=f"batch sizes (default {DEFAULT_B})")
+    p.add_argument("--N", type=int, nargs="+", default=None, help=f"tokens (default {DEFAULT_N})")
+    p.add_argument("--L", type=int, nargs="+", default=None, help=f"prefix lengths (default {DEFAULT_L})")
+    p.add_argument("--mode", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    p.add_argument("--contenders", nargs="+", default=None, help="subset of contenders (default: all)")
+    p.add_argument("--repeats", type=int, default=20, help="timed rounds per shape (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds per shape (default 3)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: elapsed time; cpu: process CPU time (robust on a shared machine with --threads 1)")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory per contender")
+    p.add_argument("--max-naive-gib", type=float, default=8.0,
+                   help="skip shapes whose B*H*N*(N+L) fp32 score matrix exceeds this (default 8)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        args.B, args.N, args.L = args.B or [16], args.N or [197], args.L or [20]
+        memory_child(args)
+        return []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.B, args.N, args.L = args.B or [16], args.N or [197], args.L or [20]
+    bs, ns, ls = args.B or DEFAULT_B, args.N or DEFAULT_N, args.L or DEFAULT_L
+    rows: List[Dict[str, object]] = []
+    for b in bs:
+        for n in ns:
+            for length in ls:
+                gib = b * 12 * n * (n + length) * 4 / 2**30
+                if gib > args.max_naive_gib:
+                    print(f"skip B={b} N={n} L={length}: {gib:.1f} GiB score matrix > --max-naive-gib", flush=True)
+                    continue
+                for mode in args.mode:
+                    new = bench_shape(b, n, length, mode, args)
+                    print_rows(new)
+                    rows.extend(new)
+    write_json(args.out, {"machine": machine_info(args.device), "args": vars(args), "results": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

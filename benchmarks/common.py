@@ -1,0 +1,226 @@
+"""Shared helpers for norga's benchmarks: contenders, inputs, interleaved timing and peak memory.
+
+Nothing here is timed in the unit tests; ``tests/test_bench_smoke.py`` only checks that the contenders
+defined here agree with each other.
+
+Contenders for one attention layer (``CONTENDERS``), all with the same signature
+``fn(q, k, v, pk, pv, gate) -> out`` on ``q, k, v`` of shape ``(B, H, N, D)`` and a per-sample prefix
+``pk, pv`` of shape ``(B, H, L, D)``:
+
+``naive``
+    The authors' algorithm: explicit ``q @ [pk; k]^T``, the gate on the ``L`` prefix columns, softmax over
+    ``L + N`` columns, ``@ [pv; v]``.
+``math``, ``merge``, ``sdpa``, ``auto``
+    :func:`norga.functional.prefix_attention` with that backend.
+``floor``
+    ``F.scaled_dot_product_attention`` over the concatenated ``[pk; k]`` keys with no gate: the cost of a
+    prefix without NoRGa, the physical floor for a gated prefix.
+``timm``
+    ``F.scaled_dot_product_attention`` over the tokens with no prefix at all (what timm's layer costs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import norga
+from norga.functional import available_backends, prefix_attention
+
+Contender = Callable[..., torch.Tensor]
+
+
+def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, gate) -> torch.Tensor:
+    """The authors' gated prefix attention: explicit scores over ``[prefix; tokens]``, gate, softmax."""
+    scale = q.shape[-1] ** -0.5
+    length = pk.shape[-2]
+    keys = torch.cat([pk, k], dim=-2)
+    values = torch.cat([pv, v], dim=-2)
+    attn = (q * scale) @ keys.transpose(-2, -1)
+    if gate is not None:
+        attn = torch.cat([gate(attn[..., :length]), attn[..., length:]], dim=-1)
+    attn = attn.softmax(dim=-1)
+    return attn @ values
+
+
+def floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, gate) -> torch.Tensor:
+    """SDPA over ``[prefix; tokens]`` with no gate (the cost of a linear-gate prefix)."""
+    return F.scaled_dot_product_attention(q, torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2))
+
+
+def timm_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, gate
+) -> torch.Tensor:
+    """SDPA over the tokens only: timm's attention with no prefix."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _backend(name: str) -> Contender:
+    def fn(q, k, v, pk, pv, gate):
+        return prefix_attention(q, k, v, (pk, pv), gate=gate, backend=name)
+
+    fn.__name__ = f"norga_{name}"
+    return fn
+
+
+def contenders(device: torch.device | str = "cpu") -> Dict[str, Contender]:
+    """Every contender that can run on ``device``, by name (norga backends as ``math``, ``merge``, ...)."""
+    out: Dict[str, Contender] = {"naive": naive}
+    for name in available_backends(device):
+        out[name] = _backend(name)
+    out["auto"] = _backend("auto")
+    out["floor"] = floor
+    out["timm"] = timm_attention
+    return out
+
+
+#: Contenders that compute the gated prefix attention (``floor`` and ``timm`` compute something else).
+GATED = ("naive", "math", "merge", "sdpa", "auto")
+
+
+def make_inputs(
+    batch: int,
+    tokens: int,
+    length: int,
+    *,
+    heads: int = 12,
+    head_dim: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    requires_grad: bool = False,
+    seed: int = 0,
+):
+    """Random ``q, k, v`` ``(B, H, N, D)`` and a per-sample prefix ``pk, pv`` ``(B, H, L, D)``, U(-1, 1) like a pool."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(*shape, low=None):
+        x = torch.randn(*shape, generator=gen) if low is None else torch.rand(*shape, generator=gen) * 2 - 1
+        return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    q = t(batch, heads, tokens, head_dim)
+    k = t(batch, heads, tokens, head_dim)
+    v = t(batch, heads, tokens, head_dim)
+    pk = t(batch, heads, length, head_dim, low=-1)
+    pv = t(batch, heads, length, head_dim, low=-1)
+    return q, k, v, pk, pv
+
+
+def make_gate(device: torch.device | str = "cpu") -> torch.nn.Module:
+    """NoRGa's tanh gate (learnable alpha, tau = 1)."""
+    return norga.NoRGaGate("tanh").to(device)
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+CLOCKS = ("wall", "cpu")
+
+
+def interleaved(
+    fns: Dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+    clock: str = "wall",
+) -> Dict[str, List[float]]:
+    """Time every callable ``repeats`` times, round-robin (one call of each per round), after ``warmup`` rounds.
+
+    Round-robin spreads load changes on a shared machine evenly over the contenders. ``clock="wall"``
+    measures elapsed time; ``clock="cpu"`` the CPU time of this process (``time.process_time``), which on a
+    machine shared with other jobs and with ``torch.set_num_threads(1)`` measures the work done rather than
+    the time spent waiting for a core (with several threads it also counts spin-waiting). Returns seconds.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if clock == "cpu" and torch.device(device).type != "cpu":
+        raise ValueError(f"clock='cpu' measures CPU work and is meaningless on device {device!r}; use 'wall'")
+    now = time.perf_counter if clock == "wall" else time.process_time
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            t0 = now()
+            fn()
+            synchronize(device)
+            times[name].append(now() - t0)
+    return times
+
+
+def median_ms(samples: Sequence[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def machine_info(device: torch.device | str = "cpu") -> Dict[str, object]:
+    """Machine, library versions and thread count, for the JSON results."""
+    info: Dict[str, object] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+    }
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def peak_rss_child(args: List[str], timeout: float = 600.0) -> Dict[str, float]:
+    """Run ``python -m <args>`` in a fresh process that prints one JSON line; return it parsed.
+
+    The child measures its own ``ru_maxrss`` before and after the measured work (see ``bench_attention``
+    ``--memory-child``), so imports and inputs are excluded and each contender starts from a clean heap.
+    """
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory child {args} failed with code {res.returncode}:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def write_json(path: Optional[str], payload: Dict[str, object]) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(payload, fh, indent=2)
+        print(f"wrote {path}")
+
+
+def format_table(rows: List[List[str]], header: List[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).rjust(w) for x, w in zip(r, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
