@@ -123,7 +123,7 @@ class PrefixAttentionMixin:
         return f"prefix_gate={gate}, backend={self.backend}"
 
 
-class PrefixMoEAttention(PrefixAttentionMixin, _TimmAttention):
+class PrefixMoEAttention(PrefixAttentionMixin, _TimmAttention):  # type: ignore[misc]  # timm: Final fused_attn
     """timm's multi-head self-attention with prompt experts (prefix tuning, NoRGa, SMoPE).
 
     With no prefix the output is exactly that of ``timm.layers.Attention`` with the same weights. With a
@@ -193,7 +193,7 @@ class PrefixMoEAttention(PrefixAttentionMixin, _TimmAttention):
         )
         self._init_prefix(gate, prompt, backend)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         x: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
@@ -222,7 +222,8 @@ class PrefixMoEAttention(PrefixAttentionMixin, _TimmAttention):
                 "or run under torch.autocast"
             )
         B, N, _ = x.shape
-        out_gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        timm_gate = getattr(self, "gate", None)  # timm's output gate (gated=True), not the prefix gate
+        out_gate = timm_gate(x).sigmoid() if timm_gate is not None else None
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         o = self._attend(q, k, v, prefix, attn_mask, is_causal)

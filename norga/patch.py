@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union, cast
 
 import torch
 from einops import rearrange
@@ -98,7 +98,7 @@ if _AttentionRope is not None:
     class PrefixAttentionRope(PrefixAttentionMixin, _AttentionRope):  # type: ignore[misc,valid-type]
         """timm ``AttentionRope`` with prompt experts. Rope is applied to tokens only, never to the prefix."""
 
-        def forward(  # type: ignore[override]
+        def forward(
             self,
             x: torch.Tensor,
             rope: Optional[torch.Tensor] = None,
@@ -131,7 +131,7 @@ if _EvaAttention is not None:
     class PrefixEvaAttention(PrefixAttentionMixin, _EvaAttention):  # type: ignore[misc,valid-type]
         """timm ``EvaAttention`` (fused or unfused qkv, rope) with prompt experts."""
 
-        def forward(  # type: ignore[override]
+        def forward(
             self,
             x: torch.Tensor,
             rope: Optional[torch.Tensor] = None,
@@ -171,7 +171,7 @@ if _BeitAttention is not None:
         The relative position bias covers token-token scores only; prefix columns get none.
         """
 
-        def forward(  # type: ignore[override]
+        def forward(
             self,
             x: torch.Tensor,
             shared_rel_pos_bias: Optional[torch.Tensor] = None,
@@ -205,7 +205,7 @@ if _RelPosAttention is not None:
     class PrefixRelPosAttention(PrefixAttentionMixin, _RelPosAttention):  # type: ignore[misc,valid-type]
         """timm ``RelPosAttention`` with prompt experts (the relative bias covers token columns only)."""
 
-        def forward(  # type: ignore[override]
+        def forward(
             self,
             x: torch.Tensor,
             shared_rel_pos: Optional[torch.Tensor] = None,
@@ -233,7 +233,7 @@ if _SamAttention is not None:
         in windowed blocks the attention batch is ``B * windows`` and per-sample prefixes have no meaning.
         """
 
-        def forward(self, x: torch.Tensor, prefix: PrefixLike | None = None) -> torch.Tensor:  # type: ignore[override]
+        def forward(self, x: torch.Tensor, prefix: PrefixLike | None = None) -> torch.Tensor:
             if prefix is None and self.prompt is None:
                 return super().forward(x)
             from timm.layers.pos_embed_sincos import apply_rot_embed_cat
@@ -303,7 +303,7 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
     Their position in this list is the layer index that ``patch_vit(layers=...)`` takes.
     """
     patched = set(FAMILIES.values())
-    found = []
+    found: list[AttentionLayer] = []
     for name, module in model.named_modules():
         if type(module) in FAMILIES or type(module) in patched:
             found.append(AttentionLayer(len(found), name, module, _is_windowed(model, name)))
@@ -316,7 +316,7 @@ def patched_layers(model: nn.Module) -> list[AttentionLayer]:
     return [layer for layer in attention_layers(model) if type(layer.module) in patched]
 
 
-def _convert(module: nn.Module, cls: type) -> nn.Module:
+def _convert(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     """A ``cls`` instance sharing ``module``'s parameters, buffers, submodules and attributes."""
     new = cls.__new__(cls)
     state = {k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()}
@@ -329,7 +329,8 @@ def _width(module: nn.Module) -> int:
     qkv = getattr(module, "qkv", None)
     if qkv is not None:
         return int(qkv.weight.shape[0]) // 3
-    return int(module.q_proj.weight.shape[0])
+    q_proj = cast(nn.Linear, module.q_proj)
+    return int(q_proj.weight.shape[0])
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -464,7 +465,7 @@ def patch_vit(
             layer_prompt = None
         new = _convert(module, FAMILIES[type(module)])
         layer_gate = copy.deepcopy(gate) if isinstance(gate, nn.Module) else gate
-        new._init_prefix(layer_gate, layer_prompt, backend)
+        cast(PrefixAttentionMixin, new)._init_prefix(layer_gate, layer_prompt, backend)
         _replace(model, layer.name, new)
     if isinstance(prompt, PrefixPool):
         model.add_module(POOL_NAME, prompt)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -281,13 +281,14 @@ class SMoPEFactory:
 
     def __call__(self, layer_index: int, attn: nn.Module) -> SMoPE:
         gate = copy.deepcopy(self.gate) if isinstance(self.gate, nn.Module) else self.gate  # own alpha, tau per layer
+        layer: Any = attn  # any timm attention: num_heads and scale are plain attributes
         return SMoPE(
             _width(attn),
-            int(attn.num_heads),
+            int(layer.num_heads),
             num_experts=self.num_experts,
             top_k=self.top_k,
             noise_eps=self.noise_eps,
-            scale=float(attn.scale),
+            scale=float(layer.scale),
             gate=gate,
         )
 
