@@ -46,7 +46,7 @@ def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, p
     length = pk.shape[-2]
     keys = torch.cat([pk, k], dim=-2)
     values = torch.cat([pv, v], dim=-2)
-    attn = (q * scale) @ keys.transpose(-2, -1)
+    attn = (q @ keys.transpose(-2, -1)) * scale  # as the authors' ViT fork writes it
     if gate is not None:
         attn = torch.cat([gate(attn[..., :length]), attn[..., length:]], dim=-1)
     attn = attn.softmax(dim=-1)

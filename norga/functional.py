@@ -310,13 +310,15 @@ class _MergeFunction(torch.autograd.Function):
             else:
                 out = pre.addcmul_(o_tok, weights[..., length:]).to(v.dtype)
             lse = torch.logsumexp(cols, dim=-1) if need_lse else cols.new_empty(0)
-        ctx.save_for_backward(q, k, v, bias, weights[..., :length], pv, out, lse)
+        ctx.save_for_backward(q, k, v, bias, weights, pv, out, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        q, k, v, bias, p_pre, pv, out, lse = ctx.saved_tensors
+        q, k, v, bias, weights, pv, out, lse = ctx.saved_tensors
+        length = pv.shape[-2]
+        p_pre = weights[..., :length]  # the prefix block of the full softmax (the last column is the tokens')
         scale = ctx.scale
         grad_out = grad_out.contiguous()
         # The fused backward recomputes P = exp(s - lse) and D = rowsum(dO * out). With the merged lse and
@@ -334,7 +336,8 @@ class _MergeFunction(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 dg = torch.matmul(do32, pv.float().transpose(-2, -1)).sub_(delta).mul_(p_pre)
             if ctx.needs_input_grad[5]:
-                dpv = torch.matmul(p_pre.transpose(-2, -1), do32).to(pv.dtype)
+                # contiguous left operand: all L + 1 rows, then drop the tokens' row
+                dpv = torch.matmul(weights.transpose(-2, -1), do32)[..., :length, :].to(pv.dtype)
             if bias is not None and ctx.needs_input_grad[3]:
                 s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + bias.float()
                 p_tok = torch.exp(s - lse.unsqueeze(-1))
