@@ -1,0 +1,236 @@
+"""The main job (examples/continual.py): paper-protocol loaders on fake datasets written here, a 1-epoch
+end-to-end run on them with a tiny timm ViT, a smoke run of every method on random images, and set-up errors.
+
+Nothing is downloaded: the backbone comes from a local checkpoint the test writes.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import cl_data  # noqa: E402
+import continual  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake datasets in their usual layouts
+# --------------------------------------------------------------------------------------------------
+def _fake_cifar(root: Path, num_classes: int = 20, train_per: int = 4, test_per: int = 2) -> None:
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for part, per in (("train", train_per), ("test", test_per)):
+        labels = np.repeat(np.arange(num_classes), per)
+        # each class has its own mean colour, so the classes are learnable
+        data = (rng.integers(0, 60, size=(labels.size, 3072)) + (labels[:, None] * 9) % 190).astype(np.uint8)
+        with (base / part).open("wb") as fh:
+            pickle.dump({b"data": data, b"fine_labels": labels.tolist()}, fh)
+    with (base / "meta").open("wb") as fh:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(num_classes)]}, fh)
+
+
+def _png(path: Path, value: int) -> None:
+    Image = pytest.importorskip("PIL.Image", reason="image folders need Pillow")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((10, 12, 3), value, np.uint8)).save(path)
+
+
+def test_load_cifar100(tmp_path: Path) -> None:
+    _fake_cifar(tmp_path)
+    train, test, names = continual.load_cifar100(tmp_path)
+    assert train.images.shape == (80, 32, 32, 3) and train.images.dtype == torch.uint8
+    assert test.labels.tolist() == np.repeat(np.arange(20), 2).tolist()
+    assert names[:2] == ["c0", "c1"]
+    # the pickle's CHW rows become HWC images
+    with (tmp_path / "cifar-100-python" / "train").open("rb") as fh:
+        raw = pickle.load(fh, encoding="bytes")[b"data"][5]
+    np.testing.assert_array_equal(train.images[5].numpy(), raw.reshape(3, 32, 32).transpose(1, 2, 0))
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        continual.load_cifar100(tmp_path / "nowhere")
+
+
+def test_load_imagenet_r_seeded_disjoint(tmp_path: Path) -> None:
+    for c, wnid in enumerate(["n01443537", "n01484850", "n01494475"]):
+        for i in range(5):
+            _png(tmp_path / "imagenet-r" / wnid / f"art_{i}.jpg", 40 * c + i)
+    train, test, classes = continual.load_imagenet_r(tmp_path, seed=3)
+    assert classes == ["n01443537", "n01484850", "n01494475"]
+    assert len(train) + len(test) == 15
+    assert set(train.paths).isdisjoint(test.paths)
+    assert sorted(test.labels.tolist()) == [0, 1, 2]
+    again = continual.load_imagenet_r(tmp_path, seed=3)[1]
+    assert again.paths == test.paths
+    x = test.batch(torch.arange(len(test)), 16)
+    assert x.shape == (3, 3, 16, 16)
+
+
+def test_load_cub_official_split(tmp_path: Path) -> None:
+    base = tmp_path / "CUB_200_2011"
+    lines_img, lines_lab, lines_split = [], [], []
+    k = 0
+    for c, name in enumerate(["001.Black_footed_Albatross", "002.Laysan_Albatross"]):
+        for i in range(3):
+            k += 1
+            rel = f"{name}/img_{i}.jpg"
+            _png(base / "images" / rel, 50 * c + i)
+            lines_img.append(f"{k} {rel}")
+            lines_lab.append(f"{k} {c + 1}")
+            lines_split.append(f"{k} {1 if i < 2 else 0}")
+    (base / "images.txt").write_text("\n".join(lines_img) + "\n")
+    (base / "image_class_labels.txt").write_text("\n".join(lines_lab) + "\n")
+    (base / "train_test_split.txt").write_text("\n".join(lines_split) + "\n")
+    train, test, classes = continual.load_cub(tmp_path)
+    assert classes == ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
+    assert train.labels.tolist() == [0, 0, 1, 1] and test.labels.tolist() == [0, 1]
+    assert all(p.endswith("img_2.jpg") for p in test.paths)
+    (base / "train_test_split.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="train_test_split.txt"):
+        continual.load_cub(tmp_path)
+
+
+def test_paper_stream_splits(tmp_path: Path) -> None:
+    _fake_cifar(tmp_path)
+    stream = continual.paper_stream("cifar100", tmp_path, seed=1, num_tasks=4)
+    assert len(stream.splits) == 4 and all(len(s) == 5 for s in stream.splits)
+    assert sorted(c for s in stream.splits for c in s) == list(range(20))
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end on the fake CIFAR-100, through main()
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_paper_protocol_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fake_cifar(tmp_path / "data")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)
+    ckpt = tmp_path / "tiny.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    out = tmp_path / "res" / "results.json"
+    methods = ["prefix", "norga-sigmoid", "smope", "linear-probe", "finetune"]
+    try:
+        import matplotlib  # noqa: F401
+
+        plot = []
+    except ImportError:
+        plot = ["--no-plot"]
+    rc = continual.main([*plot,
+        "--dataset", "cifar100", "--data-root", str(tmp_path / "data"), "--checkpoint", str(ckpt),
+        "--model", "vit_tiny_patch16_224", "--img-size", "32", "--epochs", "1", "--batch-size", "16",
+        "--num-tasks", "2", "--methods", ",".join(methods), "--out", str(out), "--no-progress",
+    ])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["num_classes"] == 20
+    assert list(res["methods"]) == methods
+    for r in res["methods"].values():
+        assert set(r) >= {"FA", "CA", "FM", "acc_matrix", "task_id_acc", "seconds", "trainable_params"}
+        acc = r["acc_matrix"]
+        assert acc[0][1] is None and all(0.0 <= acc[t][j] <= 100.0 for t in range(2) for j in range(t + 1))
+        assert r["FA"] == pytest.approx((acc[1][0] + acc[1][1]) / 2)
+        assert r["FM"] == pytest.approx(acc[0][0] - acc[1][0])
+    assert res["methods"]["finetune"]["trainable_params"] > res["methods"]["prefix"]["trainable_params"]
+    assert out.with_suffix(".png").is_file() or plot
+    assert "prefix" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop on random images (offline-stream code path: cached frozen blocks)
+# --------------------------------------------------------------------------------------------------
+def _random_stream(num_tasks: int = 2, classes_per_task: int = 3, train_per: int = 6, test_per: int = 3,
+                   size: int = 16) -> continual.Stream:
+    g = torch.Generator().manual_seed(0)
+    c = num_tasks * classes_per_task
+
+    def make(per: int) -> continual.ImageSet:
+        labels = torch.arange(c).repeat_interleave(per)
+        base = (labels * (200 // c)).view(-1, 1, 1).to(torch.int64)
+        imgs = (base + torch.randint(0, 50, (labels.numel(), size, size), generator=g)).clamp(0, 255)
+        return continual.ImageSet(imgs.to(torch.uint8), None, labels)
+
+    splits = [list(range(t * classes_per_task, (t + 1) * classes_per_task)) for t in range(num_tasks)]
+    return continual.Stream("random", make(train_per), make(test_per), splits, [str(i) for i in range(c)])
+
+
+def _tiny_context(prompt_at: str = "last") -> continual.Context:
+    backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, embed_dim=32, depth=4,
+                                 num_heads=2, num_classes=0)
+    cfg = continual.Config(epochs=1, batch_size=8, img_size=28, pool_layers=2, smope_layers=2, prompt_length=2,
+                           smope_experts=4, smope_top_k=2, prompt_at=prompt_at, progress=False)
+    return continual.build_context(_random_stream(), backbone, cfg)
+
+
+@pytest.mark.parametrize("method", continual.METHODS)
+def test_every_method_runs_on_random_images(method: str) -> None:
+    ctx = _tiny_context()
+    assert ctx.start == 2 and ctx.train_in.tokens is not None  # blocks 0-1 cached
+    r = continual.run_method(ctx, method)
+    acc = r["acc_matrix"]
+    assert acc[0][1] is None
+    assert all(0.0 <= acc[t][j] <= 100.0 for t in range(2) for j in range(t + 1))
+    assert 0.0 <= r["task_id_acc"] <= 100.0 and r["trainable_params"] > 0
+    if method != "finetune":  # the backbone is frozen and shared: no method may change it
+        for p in ctx.backbone.parameters():
+            assert not p.requires_grad
+
+
+def test_pool_method_keeps_past_prompts_and_head_rows() -> None:
+    # The evaluation memoises a test sample's logits under a task's prompt: valid only if that prompt and the
+    # head rows of that task's classes never change after the task (frozen pool, masked loss, row-wise TAP).
+    ctx = _tiny_context()
+    ctx.stream = _random_stream(num_tasks=3)
+    ctx = continual.build_context(ctx.stream, ctx.backbone, ctx.cfg)
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def on_task_end(t: int, pool: torch.nn.Module, head: torch.nn.Linear) -> None:
+        for j, (prompt, w, b) in enumerate(seen):
+            rows = ctx.stream.splits[j]
+            assert torch.equal(pool.prompts[j].detach(), prompt), f"prompt of task {j} changed during task {t}"
+            assert torch.equal(head.weight[rows].detach(), w) and torch.equal(head.bias[rows].detach(), b)
+        rows = ctx.stream.splits[t]
+        seen.append((pool.prompts[t].detach().clone(), head.weight[rows].detach().clone(),
+                     head.bias[rows].detach().clone()))
+
+    continual.run_pool(ctx, "tanh", on_task_end=on_task_end)
+    assert len(seen) == 3
+
+
+def test_prompt_at_first_runs_whole_backbone() -> None:
+    ctx = _tiny_context(prompt_at="first")
+    assert ctx.start == 0 and ctx.train_in.tokens is None
+    r = continual.run_method(ctx, "norga-gelu")
+    assert r["acc_matrix"][1][0] is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up failures: a clear message and a non-zero exit, before any training
+# --------------------------------------------------------------------------------------------------
+def test_missing_data_source_exits_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise cl_data.DataSourceError("animal_mnist", "files not found", manual="pip download ...")
+
+    monkeypatch.setattr(cl_data, "ensure_sources", fail)
+    rc = continual.main(["--quick", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "r.json"), "--no-plot"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "set-up failed" in err and "animal_mnist" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert continual.main(["--methods", "prefix,l2p", "--no-plot"]) == 2
+    assert "l2p" in capsys.readouterr().err
+    assert continual.main(["--dataset", "cub", "--no-plot"]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    _fake_cifar(tmp_path)
+    rc = continual.main(["--dataset", "cifar100", "--data-root", str(tmp_path), "--no-plot",
+                         "--checkpoint", str(tmp_path / "missing.pth")])
+    assert rc == 1 and "does not exist" in capsys.readouterr().err
