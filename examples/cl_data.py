@@ -188,7 +188,9 @@ def _make_split(images: np.ndarray, labels: np.ndarray, class_names: Sequence[st
 # --------------------------------------------------------------------------- #
 # Splitting
 # --------------------------------------------------------------------------- #
-def stratified_split(labels: np.ndarray | torch.Tensor, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray | torch.Tensor, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified split of sample indices.
 
     Each class contributes ``round(n_c * test_fraction)`` samples to the test
@@ -706,7 +708,9 @@ def _run(source: str, cmd: Sequence[str], manual: str, env: Mapping[str, str] | 
             command=cmd, manual=manual,
         ) from exc
     except subprocess.TimeoutExpired as exc:
-        raise DataSourceError(source, f"command timed out after {exc.timeout:.0f} s", command=cmd, manual=manual) from exc
+        raise DataSourceError(
+            source, f"command timed out after {exc.timeout:.0f} s", command=cmd, manual=manual
+        ) from exc
     except OSError as exc:  # the program itself is missing
         raise DataSourceError(source, f"command could not be started: {exc}", command=cmd, manual=manual) from exc
     return done.stdout
@@ -786,7 +790,9 @@ def _ensure_sklearn() -> Path:
                               manual="pip install scikit-learn") from exc
     data = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
     if not data.is_file():
-        raise DataSourceError("digits", f"scikit-learn has no bundled {data}", manual="pip install --force-reinstall scikit-learn")
+        raise DataSourceError(
+            "digits", f"scikit-learn has no bundled {data}", manual="pip install --force-reinstall scikit-learn"
+        )
     return data
 
 

@@ -571,10 +571,11 @@ def run_pool(ctx: Context, gate: Optional[str],
         stats = cl.ClassStatistics()
         epoch_now = [0]
 
-        def on_epoch(epoch: int) -> None:
+        def on_epoch(epoch: int, epoch_now: list[int] = epoch_now) -> None:
             epoch_now[0] = epoch
 
-        def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+        def loss_fn(x: Tensor, y: Tensor, epoch_now: list[int] = epoch_now, stats: cl.ClassStatistics = stats,
+                    classes: list[int] = classes) -> Tensor:
             f = features(model, x, ctx.start)
             if epoch_now[0] == cfg.epochs - 1:  # the last epoch's features give the task's class statistics
                 stats.update(f.detach().double(), y)
@@ -617,7 +618,8 @@ def _fill_memo(ctx: Context, model: nn.Module, head: nn.Linear, memo: Tensor, id
             memo[b, tb] = head(features(model, ctx.test_in.get(b, train=False), ctx.start))
 
 
-def _eval_all_seen(ctx: Context, t: int, predict: Callable[[Tensor], Tensor], acc: list[list[Optional[float]]]) -> float:
+def _eval_all_seen(ctx: Context, t: int, predict: Callable[[Tensor], Tensor],
+                   acc: list[list[Optional[float]]]) -> float:
     """Fills ``acc[t][0..t]`` from predictions over all classes seen so far; returns task-of-class accuracy."""
     stream = ctx.stream
     seen = [c for s in stream.splits[: t + 1] for c in s]
@@ -657,11 +659,12 @@ def run_smope(ctx: Context) -> tuple[list[list[Optional[float]]], float, int]:
         model.train()
         epoch_now = [0]
 
-        def on_epoch(epoch: int) -> None:
+        def on_epoch(epoch: int, epoch_now: list[int] = epoch_now, t: int = t) -> None:
             epoch_now[0] = epoch
             norga.set_dense(model, t == 0 and epoch < max(1, cfg.epochs // 2))
 
-        def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+        def loss_fn(x: Tensor, y: Tensor, epoch_now: list[int] = epoch_now, classes: list[int] = classes,
+                    t: int = t) -> Tensor:
             f = features(model, x, ctx.start)
             if epoch_now[0] == cfg.epochs - 1:
                 stats.update(f.detach().double(), y)
@@ -686,7 +689,7 @@ def run_linear_probe(ctx: Context) -> tuple[list[list[Optional[float]]], float, 
     acc = [[None] * stream.num_tasks for _ in range(stream.num_tasks)]
     tii = math.nan
     for t in range(stream.num_tasks):
-        tii = _eval_all_seen(ctx, t, lambda b: F.one_hot(ctx.tii_class[t][b], stream.num_classes).float(), acc)
+        tii = _eval_all_seen(ctx, t, lambda b, t=t: F.one_hot(ctx.tii_class[t][b], stream.num_classes).float(), acc)
     return acc, tii, ctx.train_feats.shape[1] * stream.num_classes + stream.num_classes
 
 
@@ -709,10 +712,10 @@ def run_finetune(ctx: Context) -> tuple[list[list[Optional[float]]], float, int]
         model.train()
         epoch_now = [0]
 
-        def on_epoch(epoch: int) -> None:
+        def on_epoch(epoch: int, epoch_now: list[int] = epoch_now) -> None:
             epoch_now[0] = epoch
 
-        def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+        def loss_fn(x: Tensor, y: Tensor, epoch_now: list[int] = epoch_now, classes: list[int] = classes) -> Tensor:
             f = features(model, x, ctx.start)
             if epoch_now[0] == cfg.epochs - 1:
                 stats.update(f.detach().double(), y)
@@ -853,7 +856,8 @@ def plot_results(results: dict[str, dict[str, Any]], path: Path, title: str) -> 
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a short run (4 tasks, fewer images; < 10 min on 2 cores)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--dataset", choices=DATASETS, default="offline")

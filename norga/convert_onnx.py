@@ -309,7 +309,13 @@ _HF_RULES: list[tuple[re.Pattern[str], str, str]] = [
     (re.compile(r"encoder\.layer\.(\d+)\.mlp\.fc([12])\.bias"), "linear", r"blocks.\1.mlp.fc\2"),
     # Linear weights only appear by name when constant folding was off; they are
     # reached through their MatMul anyway.
-    (re.compile(r"encoder\.layer\.\d+\.(attention\.attention\.(query|key|value)|attention\.output\.dense|mlp\.fc[12])\.weight"), "ignore", ""),
+    (
+        re.compile(
+            r"encoder\.layer\.\d+\.(attention\.attention\.(query|key|value)|attention\.output\.dense|mlp\.fc[12])\.weight"
+        ),
+        "ignore",
+        "",
+    ),
     (re.compile(r"layernorm\.(weight|bias)"), "param", r"norm.\1"),
 ]
 
@@ -368,7 +374,8 @@ def _linear_weight_from_bias(g: _Graph, bias_name: str) -> np.ndarray:
     if node.op_type == "Gemm":
         if list(node.input).index(bias_name) != 2:
             raise ValueError(f"bias {bias_name!r} is not the C input of Gemm {node.name!r}")
-        if g.attr(node, "transA", 0) or float(g.attr(node, "alpha", 1.0)) != 1.0 or float(g.attr(node, "beta", 1.0)) != 1.0:
+        scaled = float(g.attr(node, "alpha", 1.0)) != 1.0 or float(g.attr(node, "beta", 1.0)) != 1.0
+        if g.attr(node, "transA", 0) or scaled:
             raise ValueError(f"Gemm {node.name!r} for bias {bias_name!r} has unsupported transA/alpha/beta")
         b_name = node.input[1]
         if not g.is_const(b_name):
@@ -633,7 +640,9 @@ def _convert(model: "onnx.ModelProto") -> tuple[dict[str, torch.Tensor], OnnxViT
     per_block = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
                  "attn.proj.bias", "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
                  "mlp.fc2.weight", "mlp.fc2.bias", "ls2.gamma")
-    required = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"]
+    required = [
+        "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"
+    ]
     required += [f"blocks.{i}.{s}" for i in range(depth) for s in per_block]
     missing = [k for k in required if k not in params]
     if missing:
@@ -680,7 +689,8 @@ def _convert(model: "onnx.ModelProto") -> tuple[dict[str, torch.Tensor], OnnxViT
     )
     state = {k: torch.from_numpy(np.ascontiguousarray(params[k])) for k in required}
     logger.info(
-        "read %s ViT from ONNX: dim=%d depth=%d heads=%s patch=%d grid=%dx%d (%d tensors, %d other initializers ignored)",
+        "read %s ViT from ONNX: dim=%d depth=%d heads=%s patch=%d grid=%dx%d "
+        "(%d tensors, %d other initializers ignored)",
         scheme, dim, depth, num_heads, patch, grid, grid, len(state), len(info.ignored_initializers),
     )
     return state, info
@@ -747,7 +757,9 @@ def dinov2_state_dict_from_onnx(
     state, info = _convert(_load_onnx_model(path, expected_sha256))
     if img_size is not None and img_size != info.img_size:
         if img_size <= 0 or img_size % info.patch_size:
-            raise ValueError(f"img_size must be a positive multiple of the patch size {info.patch_size}, got {img_size}")
+            raise ValueError(
+                f"img_size must be a positive multiple of the patch size {info.patch_size}, got {img_size}"
+            )
         new_grid = img_size // info.patch_size
         logger.info("resampling pos_embed from %dx%d to %dx%d", info.grid_size, info.grid_size, new_grid, new_grid)
         state["pos_embed"] = _resample_pos_embed(state["pos_embed"], info.grid_size, new_grid).contiguous()
@@ -931,7 +943,9 @@ def compare_with_onnxruntime(
         out = model.forward_features(x).numpy()
     model.train(was_training)
     if out.shape != ref.shape:
-        raise RuntimeError(f"shape mismatch: model forward_features {out.shape} vs ONNX {info.encoder_output} {ref.shape}")
+        raise RuntimeError(
+            f"shape mismatch: model forward_features {out.shape} vs ONNX {info.encoder_output} {ref.shape}"
+        )
     diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
     result = OnnxComparison(
         onnx_output=info.encoder_output,
