@@ -62,6 +62,10 @@ def freeze_backbone(model: torch.nn.Module) -> List[torch.nn.Parameter]:
     return trainable
 
 
+def _ms(times: Dict[str, List[float]]) -> Dict[str, List[float]]:
+    return {k: [round(1e3 * x, 3) for x in v] for k, v in times.items()}
+
+
 def main(argv: List[str] | None = None) -> Dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224")
@@ -108,7 +112,9 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     runs = {"unpatched": infer(plain), "patched": infer(patched)}
     t = interleaved(runs, args.repeats, args.warmup, device, args.clock)
     med = {k: median_ms(v) for k, v in t.items()}
-    results["infer"] = {"median_ms": med, "ratio": med["patched"] / med["unpatched"], "batch": args.batch}
+    results["infer"] = {
+        "median_ms": med, "ratio": med["patched"] / med["unpatched"], "batch": args.batch, "samples_ms": _ms(t)
+    }
     rows.append(["infer", "unpatched", args.batch, f"{med['unpatched']:.1f}", "1.00"])
     rows.append(["infer", "patched", args.batch, f"{med['patched']:.1f}", f"{med['patched'] / med['unpatched']:.3f}"])
     print(format_table(rows, ["measure", "model", "batch", "median ms", "ratio"]), flush=True)
@@ -128,7 +134,7 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
         med = {k: median_ms(v) for k, v in t.items()}
         results["compile"] = {
             "median_ms": med, "ratio": med["compiled"] / med["eager"], "first_call_s": compile_s,
-            "max_abs_diff": err, "batch": args.batch,
+            "max_abs_diff": err, "batch": args.batch, "samples_ms": _ms(t),
         }
         rows.append(["compile", "patched eager", args.batch, f"{med['eager']:.1f}", "1.00"])
         rows.append(["compile", "patched compiled", args.batch, f"{med['compiled']:.1f}",
@@ -157,7 +163,9 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
             results.setdefault("trainable_params", {})[name] = sum(p.numel() for p in params)
         t = interleaved(steps, args.train_repeats, args.warmup, device, args.clock)
         med = {k: median_ms(v) for k, v in t.items()}
-        results["train"] = {"median_ms": med, "ratio": med["patched"] / med["unpatched"], "batch": args.train_batch}
+        results["train"] = {
+            "median_ms": med, "ratio": med["patched"] / med["unpatched"], "batch": args.train_batch, "samples_ms": _ms(t)
+        }
         rows.append(["train", "unpatched (head only)", args.train_batch, f"{med['unpatched']:.1f}", "1.00"])
         rows.append(["train", "patched (prompts+gates+head)", args.train_batch, f"{med['patched']:.1f}",
                      f"{med['patched'] / med['unpatched']:.3f}"])
