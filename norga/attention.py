@@ -54,9 +54,7 @@ class PrefixAttentionMixin:
     prompt: Optional[nn.Module]
     backend: str
 
-    def _init_prefix(
-        self, gate: NoRGaGate | nn.Module | str | None, prompt: nn.Module | None, backend: str
-    ) -> None:
+    def _init_prefix(self, gate: NoRGaGate | nn.Module | str | None, prompt: nn.Module | None, backend: str) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if prompt is not None and not isinstance(prompt, nn.Module):

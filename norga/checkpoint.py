@@ -340,7 +340,8 @@ def _compare(saved: dict[str, Any], now: dict[str, Any], strict: bool) -> tuple[
     if sp != np_:
         if sp is None or np_ is None:
             errors.append(
-                f"prompt pool: {'none' if sp is None else sp} in the file, {'none' if np_ is None else np_} in this model"
+                f"prompt pool: {'none' if sp is None else sp} in the file, "
+                f"{'none' if np_ is None else np_} in this model"
             )
         else:
             for field in ("num_tasks", "num_layers", "length", "dim"):

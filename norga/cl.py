@@ -726,6 +726,7 @@ def align_classifier(
                 pool_x = pool_x.to(weight.device)[perm.to(weight.device)]
                 pool_y = remap_labels(pool_y.to(weight.device), ids)[perm.to(weight.device)]
                 position = 0
+            assert pool_x is not None and pool_y is not None
             x = pool_x[position : position + batch_size]
             y = pool_y[position : position + batch_size]
             position += batch_size

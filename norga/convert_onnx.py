@@ -69,7 +69,7 @@ import shutil
 import zipfile
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 import torch
@@ -211,8 +211,7 @@ def _import_onnx() -> Any:
         import onnx  # noqa: F811
     except ImportError as exc:  # pragma: no cover - exercised via monkeypatch in tests
         raise ImportError(
-            "reading ONNX files needs the 'onnx' package, which is not installed; "
-            "install it with `pip install onnx`"
+            "reading ONNX files needs the 'onnx' package, which is not installed; install it with `pip install onnx`"
         ) from exc
     return onnx
 
@@ -583,7 +582,7 @@ def _convert(model: "onnx.ModelProto") -> tuple[dict[str, torch.Tensor], OnnxViT
         if not name.startswith(prefix):
             ignored.append(name)
             continue
-        local = name[len(prefix):]
+        local = name[len(prefix) :]
         for pattern, kind, template in rules:
             m = pattern.fullmatch(local)
             if m is None:
@@ -637,11 +636,29 @@ def _convert(model: "onnx.ModelProto") -> tuple[dict[str, torch.Tensor], OnnxViT
     depth = len(block_ids)
     if depth == 0 or block_ids != list(range(depth)):
         raise ValueError(f"transformer blocks must be numbered 0..n-1, found {block_ids}")
-    per_block = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-                 "attn.proj.bias", "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-                 "mlp.fc2.weight", "mlp.fc2.bias", "ls2.gamma")
+    per_block = (
+        "norm1.weight",
+        "norm1.bias",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "ls1.gamma",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+        "ls2.gamma",
+    )
     required = [
-        "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "norm.weight",
+        "norm.bias",
     ]
     required += [f"blocks.{i}.{s}" for i in range(depth) for s in per_block]
     missing = [k for k in required if k not in params]
@@ -655,9 +672,11 @@ def _convert(model: "onnx.ModelProto") -> tuple[dict[str, torch.Tensor], OnnxViT
         raise ValueError(f"unexpected parameters for {TIMM_MODEL_NAME}: {extra[:8]}")
 
     qkv_bias_name = next(
-        n for n in g.initializer_names
-        if n.startswith(prefix) and re.fullmatch(
-            r"(encoder\.layer\.0\.attention\.attention\.query|blocks\.0\.attn\.qkv)\.bias", n[len(prefix):]
+        n
+        for n in g.initializer_names
+        if n.startswith(prefix)
+        and re.fullmatch(
+            r"(encoder\.layer\.0\.attention\.attention\.query|blocks\.0\.attn\.qkv)\.bias", n[len(prefix) :]
         )
     )
     num_heads = _infer_num_heads(g, qkv_bias_name, dim)
@@ -691,7 +710,15 @@ def _convert(model: "onnx.ModelProto") -> tuple[dict[str, torch.Tensor], OnnxViT
     logger.info(
         "read %s ViT from ONNX: dim=%d depth=%d heads=%s patch=%d grid=%dx%d "
         "(%d tensors, %d other initializers ignored)",
-        scheme, dim, depth, num_heads, patch, grid, grid, len(state), len(info.ignored_initializers),
+        scheme,
+        dim,
+        depth,
+        num_heads,
+        patch,
+        grid,
+        grid,
+        len(state),
+        len(info.ignored_initializers),
     )
     return state, info
 
@@ -720,8 +747,12 @@ def _resample_pos_embed(pos: torch.Tensor, grid: int, new_grid: int) -> torch.Te
     from timm.layers import resample_abs_pos_embed
 
     return resample_abs_pos_embed(
-        pos, new_size=[new_grid, new_grid], old_size=[grid, grid], num_prefix_tokens=1,
-        interpolation="bicubic", antialias=False,
+        pos,
+        new_size=[new_grid, new_grid],
+        old_size=[grid, grid],
+        num_prefix_tokens=1,
+        interpolation="bicubic",
+        antialias=False,
     )
 
 
@@ -839,8 +870,11 @@ def load_dinov2_from_onnx(
     target = model.state_dict()
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
-    wrong = [f"{k}: model {tuple(target[k].shape)} vs onnx {tuple(state[k].shape)}"
-             for k in sorted(set(target) & set(state)) if target[k].shape != state[k].shape]
+    wrong = [
+        f"{k}: model {tuple(target[k].shape)} vs onnx {tuple(state[k].shape)}"
+        for k in sorted(set(target) & set(state))
+        if target[k].shape != state[k].shape
+    ]
     if missing or unexpected or wrong:
         raise ValueError(
             "the model does not match the ONNX encoder: "
@@ -940,7 +974,7 @@ def compare_with_onnxruntime(
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model.forward_features(x).numpy()
+        out = cast(Any, model).forward_features(x).numpy()  # timm ViT API
     model.train(was_training)
     if out.shape != ref.shape:
         raise RuntimeError(

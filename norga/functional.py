@@ -116,13 +116,9 @@ def normalize_prefix(
         key, value = prefix
         logits, indices = None, None
     else:
-        raise TypeError(
-            f"prefix must be a norga.Prefix or a (key, value) pair of tensors, got {type(prefix).__name__}"
-        )
+        raise TypeError(f"prefix must be a norga.Prefix or a (key, value) pair of tensors, got {type(prefix).__name__}")
     if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
-        raise TypeError(
-            f"prefix key and value must be tensors, got {type(key).__name__} and {type(value).__name__}"
-        )
+        raise TypeError(f"prefix key and value must be tensors, got {type(key).__name__} and {type(value).__name__}")
     if key.shape != value.shape:
         raise ValueError(
             f"prefix key and value must have the same shape, got key {_shape(key)} and value {_shape(value)}"
@@ -161,10 +157,7 @@ def normalize_prefix(
             raise TypeError(f"prefix logits must be a tensor, got {type(logits).__name__}")
         rows_ok = logits.dim() == 4 and (num_queries is None or logits.shape[2] in (1, num_queries))
         if not (
-            rows_ok
-            and logits.shape[0] in (1, batch)
-            and logits.shape[1] == num_heads
-            and logits.shape[3] == length
+            rows_ok and logits.shape[0] in (1, batch) and logits.shape[1] == num_heads and logits.shape[3] == length
         ):
             n = "N" if num_queries is None else f"N={num_queries}"
             raise ValueError(
@@ -283,7 +276,7 @@ class _MergeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -311,7 +304,7 @@ class _MergeFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor):
         q, k, v, bias, weights, pv, out, lse = ctx.saved_tensors
         length = pv.shape[-2]
         p_pre = weights[..., :length]  # the prefix block of the full softmax (the last column is the tokens')
@@ -330,6 +323,7 @@ class _MergeFunction(torch.autograd.Function):
             need_delta = ctx.needs_input_grad[4] or (bias is not None and ctx.needs_input_grad[3])
             delta = (do32 * out.float()).sum(dim=-1, keepdim=True) if need_delta else None
             if ctx.needs_input_grad[4]:
+                assert delta is not None
                 dg = torch.matmul(do32, pv.float().transpose(-2, -1)).sub_(delta).mul_(p_pre)
             if ctx.needs_input_grad[5]:
                 # contiguous left operand: all L + 1 rows, then drop the tokens' row
@@ -337,6 +331,7 @@ class _MergeFunction(torch.autograd.Function):
             if bias is not None and ctx.needs_input_grad[3]:
                 s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + bias.float()
                 p_tok = torch.exp(s - lse.unsqueeze(-1))
+                assert delta is not None
                 ds = p_tok * (torch.matmul(do32, v.float().transpose(-2, -1)) - delta)
                 dbias = ds.sum_to_size(bias.shape).to(bias.dtype)
         # q's gradient through the prefix scores flows back through ``g``, outside this function.
@@ -358,9 +353,7 @@ def _merge(
         if bias.dim() < 4:
             bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
     pv = pv.expand(b, h, -1, -1)
-    need_lse = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, bias, g, pv)
-    )
+    need_lse = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, g, pv))
     return _MergeFunction.apply(q, k, v, bias, g, pv, scale, need_lse)
 
 

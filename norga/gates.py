@@ -80,8 +80,7 @@ class NoRGaGate(nn.Module):
         if isinstance(activation, str):
             if activation not in ACTIVATIONS:
                 raise ValueError(
-                    f"NoRGaGate: unknown activation {activation!r}; expected one of "
-                    f"{sorted(ACTIVATIONS)} or a callable"
+                    f"NoRGaGate: unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)} or a callable"
                 )
             self.activation_name = activation
             self.act: Callable[[torch.Tensor], torch.Tensor] = ACTIVATIONS[activation]

@@ -109,7 +109,9 @@ if _AttentionRope is not None:
             if prefix is None and self.prompt is None:
                 return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
             if self.qkv is not None:
-                q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
+                q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(
+                    0
+                )
             else:
                 q = _split_heads(self.q_proj(x), self.num_heads)
                 k = _split_heads(self.k_proj(x), self.num_kv_heads)
@@ -241,7 +243,9 @@ if _SamAttention is not None:
 
             B, H, W, _ = x.shape
             tokens = x.reshape(B, H * W, -1)
-            q, k, v = rearrange(self.qkv(tokens), "b n (three h d) -> three (b h) n d", three=3, h=self.num_heads).unbind(0)
+            q, k, v = rearrange(
+                self.qkv(tokens), "b n (three h d) -> three (b h) n d", three=3, h=self.num_heads
+            ).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             bias = None
             if self.use_rel_pos:
@@ -292,8 +296,10 @@ class AttentionLayer:
 
 def _is_windowed(model: nn.Module, name: str) -> bool:
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    return int(getattr(parent, "window_size", 0) or 0) > 0 and _SamAttention is not None and isinstance(
-        model.get_submodule(name), _SamAttention
+    return (
+        int(getattr(parent, "window_size", 0) or 0) > 0
+        and _SamAttention is not None
+        and isinstance(model.get_submodule(name), _SamAttention)
     )
 
 
@@ -365,7 +371,9 @@ def _select_layers(
     chosen = []
     for i in sorted(indices):
         if not 0 <= i < len(found):
-            raise ValueError(f"layer index {i} is out of range: the model has {len(found)} attention layers (0..{len(found) - 1})")
+            raise ValueError(
+                f"layer index {i} is out of range: the model has {len(found)} attention layers (0..{len(found) - 1})"
+            )
         if found[i].windowed:
             raise ValueError(
                 f"layer {i} ({found[i].name}) uses windowed attention and cannot be prompted; "
@@ -457,7 +465,9 @@ def patch_vit(
         width = _width(module)
         if isinstance(prompt, PrefixPool):
             if prompt.dim != width:
-                raise ValueError(f"the PrefixPool has dim={prompt.dim} but layer {layer.index} ({layer.name}) has width {width}")
+                raise ValueError(
+                    f"the PrefixPool has dim={prompt.dim} but layer {layer.index} ({layer.name}) has width {width}"
+                )
             layer_prompt: nn.Module | None = prompt.layer(j)
         elif prompt is not None:
             layer_prompt = prompt(layer.index, module)
@@ -494,5 +504,3 @@ def unpatch_vit(model: nn.Module) -> nn.Module:
     if isinstance(getattr(model, POOL_NAME, None), PrefixPool):
         delattr(model, POOL_NAME)
     return model
-
-

@@ -307,7 +307,9 @@ def set_task(model: nn.Module, task: TaskSpec) -> None:
     """
     pools = prefix_pools(model)
     if not pools:
-        raise ValueError("set_task: the model has no norga.PrefixPool; patch it with patch_vit(..., prompt=PrefixPool(...))")
+        raise ValueError(
+            "set_task: the model has no norga.PrefixPool; patch it with patch_vit(..., prompt=PrefixPool(...))"
+        )
     for pool in pools:
         pool.set_task(task)
 

@@ -1,11 +1,10 @@
 import pytest
+import reference as ref
 import torch
 from timm.layers import Attention
 from torch import nn
 
 from norga import NoRGaGate, Prefix, PrefixMoEAttention, PrefixPrompt
-
-import reference as ref
 
 DIM, HEADS = 32, 4
 HD = DIM // HEADS
@@ -19,8 +18,15 @@ def _pair(**kw):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("kw", [{}, {"qk_norm": True, "norm_layer": nn.LayerNorm},
-                                {"scale_norm": True, "norm_layer": nn.LayerNorm}, {"gated": True}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"qk_norm": True, "norm_layer": nn.LayerNorm},
+        {"scale_norm": True, "norm_layer": nn.LayerNorm},
+        {"gated": True},
+    ],
+)
 def test_identical_to_timm_without_prefix(fused, kw):
     timm_attn, ours = _pair(**kw)
     timm_attn.fused_attn = ours.fused_attn = fused
@@ -36,7 +42,7 @@ def _reference_layer(layer, x, pk, pv, gate=None):
     """The layer's output from its weights and the equations, written independently of norga."""
     B, N, _ = x.shape
     qkv = x.double() @ layer.qkv.weight.double().T + layer.qkv.bias.double()
-    q, k, v = (ref.heads(qkv[..., i * DIM:(i + 1) * DIM], HEADS) for i in range(3))
+    q, k, v = (ref.heads(qkv[..., i * DIM : (i + 1) * DIM], HEADS) for i in range(3))
     o = ref.prefix_attention(q, k, v, pk, pv, scale=HD**-0.5, gate=gate)
     o = torch.cat([o[:, h] for h in range(HEADS)], dim=-1)  # merge heads
     return o @ layer.proj.weight.double().T + layer.proj.bias.double()
@@ -51,7 +57,11 @@ def test_prefix_matches_reference(fused, act):
     x = torch.randn(2, 7, DIM)
     pk, pv = torch.randn(2, 5, DIM), torch.randn(2, 5, DIM)
     out = layer(x, prefix=(pk, pv))
-    ref_gate = (lambda s: ref.norga_gate(s, act, layer.prefix_gate.alpha.item(), layer.prefix_gate.tau.item())) if act else None
+    ref_gate = (
+        (lambda s: ref.norga_gate(s, act, layer.prefix_gate.alpha.item(), layer.prefix_gate.tau.item()))
+        if act
+        else None
+    )
     expected = _reference_layer(layer, x, ref.heads(pk, HEADS), ref.heads(pv, HEADS), ref_gate)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
 
@@ -91,8 +101,8 @@ def test_batch_invariance_per_sample_prefix():
     pk, pv = torch.randn(5, 3, DIM), torch.randn(5, 3, DIM)
     batched = layer(x, prefix=(pk, pv))
     for b in range(5):
-        alone = layer(x[b:b + 1], prefix=(pk[b:b + 1], pv[b:b + 1]))
-        torch.testing.assert_close(alone, batched[b:b + 1], rtol=0, atol=1e-6)
+        alone = layer(x[b : b + 1], prefix=(pk[b : b + 1], pv[b : b + 1]))
+        torch.testing.assert_close(alone, batched[b : b + 1], rtol=0, atol=1e-6)
 
 
 def test_state_dict_round_trip_with_gate():

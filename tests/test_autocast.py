@@ -26,16 +26,24 @@ DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, i
 
 
 def _layer_and_reference(backend):
-    layer = PrefixMoEAttention(DIM, num_heads=HEADS, qkv_bias=True, gate=NoRGaGate("tanh", alpha=0.7, tau=1.3),
-                               backend=backend)
+    layer = PrefixMoEAttention(
+        DIM, num_heads=HEADS, qkv_bias=True, gate=NoRGaGate("tanh", alpha=0.7, tau=1.3), backend=backend
+    )
     x = torch.randn(B, N, DIM)
     pk = torch.rand(B, L, DIM) * 2 - 1
     pv = torch.rand(B, L, DIM) * 2 - 1
     # float64 reference from the equations, on the same weights
     qkv = torch.nn.functional.linear(x.double(), layer.qkv.weight.double(), layer.qkv.bias.double())
     qkv = qkv.reshape(B, N, 3, HEADS, D).permute(2, 0, 3, 1, 4)
-    o = ref.prefix_attention(qkv[0], qkv[1], qkv[2], ref.heads(pk, HEADS), ref.heads(pv, HEADS), scale=D**-0.5,
-                             gate=lambda s: ref.norga_gate(s, "tanh", 0.7, 1.3))
+    o = ref.prefix_attention(
+        qkv[0],
+        qkv[1],
+        qkv[2],
+        ref.heads(pk, HEADS),
+        ref.heads(pv, HEADS),
+        scale=D**-0.5,
+        gate=lambda s: ref.norga_gate(s, "tanh", 0.7, 1.3),
+    )
     o = torch.cat([o[:, h] for h in range(HEADS)], dim=-1)
     want = torch.nn.functional.linear(o, layer.proj.weight.double(), layer.proj.bias.double())
     return layer, x, pk, pv, want
@@ -107,7 +115,14 @@ def test_low_precision_inputs_under_autocast_match_fp32_on_same_inputs(dtype, ba
     with torch.autocast("cpu", dtype=dtype):
         out = prefix_attention(q, k, v, (pk, pv), gate=gate, backend=backend)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    want = ref.prefix_attention(q, k, v, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), scale=D**-0.5,
-                                gate=lambda s: ref.norga_gate(s, "tanh", 1.0, 1.0))
+    want = ref.prefix_attention(
+        q,
+        k,
+        v,
+        pk.expand(B, -1, -1, -1),
+        pv.expand(B, -1, -1, -1),
+        scale=D**-0.5,
+        gate=lambda s: ref.norga_gate(s, "tanh", 1.0, 1.0),
+    )
     eps = 2**-8 if dtype == torch.bfloat16 else 2**-11
     torch.testing.assert_close(out.double(), want, rtol=0, atol=8 * eps * max(1.0, want.abs().max().item()))

@@ -40,8 +40,9 @@ def test_contenders_agree(b, n, length, gated):
         out, grads = results[name]
         torch.testing.assert_close(out, out0, rtol=0, atol=2e-6, msg=f"{name} vs naive (forward)")
         for g, g0 in zip(grads, grads0):
-            torch.testing.assert_close(g, g0, rtol=0, atol=1e-5 * max(1.0, g0.abs().max().item()),
-                                       msg=f"{name} vs naive (backward)")
+            torch.testing.assert_close(
+                g, g0, rtol=0, atol=1e-5 * max(1.0, g0.abs().max().item()), msg=f"{name} vs naive (backward)"
+            )
 
 
 def test_timm_contender_is_empty_prefix():

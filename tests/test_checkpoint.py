@@ -31,7 +31,7 @@ def pool_model(seed: int, *, layers=(0, 1), length: int = 4, tasks: int = 3, act
     gate = None if activation is None else norga.NoRGaGate(activation)
     norga.patch_vit(model, gate=gate, prompt=norga.PrefixPool(tasks, len(layers), length, 64), layers=list(layers))
     with torch.no_grad():
-        for i, layer in enumerate(norga.patched_layers(model)):
+        for layer in norga.patched_layers(model):
             if layer.module.prefix_gate is not None:
                 layer.module.prefix_gate.alpha.uniform_(0.2, 2.0)
                 layer.module.prefix_gate.tau.uniform_(0.2, 2.0)
@@ -237,7 +237,10 @@ def test_other_gate_activation_and_no_gate(tmp_path):
     path = _saved(tmp_path, pool_model(1, activation="tanh"))
     with pytest.raises(
         ValueError,
-        match=r"layer 0 \(blocks.0.attn\): gate NoRGaGate differs: activation='tanh' in the file, 'sigmoid' in this model",
+        match=(
+            r"layer 0 \(blocks.0.attn\): gate NoRGaGate differs: "
+            r"activation='tanh' in the file, 'sigmoid' in this model"
+        ),
     ):
         load_prompts(pool_model(2, activation="sigmoid"), path)
     with pytest.raises(ValueError, match=r"gate \{'kind': 'NoRGaGate'.*\} in the file, None in this model"):

@@ -121,11 +121,32 @@ def test_paper_protocol_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
         plot = []
     except ImportError:
         plot = ["--no-plot"]
-    rc = continual.main([*plot,
-        "--dataset", "cifar100", "--data-root", str(tmp_path / "data"), "--checkpoint", str(ckpt),
-        "--model", "vit_tiny_patch16_224", "--img-size", "32", "--epochs", "1", "--batch-size", "16",
-        "--num-tasks", "2", "--methods", ",".join(methods), "--out", str(out), "--no-progress",
-    ])
+    rc = continual.main(
+        [
+            *plot,
+            "--dataset",
+            "cifar100",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--checkpoint",
+            str(ckpt),
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--num-tasks",
+            "2",
+            "--methods",
+            ",".join(methods),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["num_classes"] == 20
@@ -144,8 +165,9 @@ def test_paper_protocol_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
 # --------------------------------------------------------------------------------------------------
 # The training loop on random images (offline-stream code path: cached frozen blocks)
 # --------------------------------------------------------------------------------------------------
-def _random_stream(num_tasks: int = 2, classes_per_task: int = 3, train_per: int = 6, test_per: int = 3,
-                   size: int = 16) -> continual.Stream:
+def _random_stream(
+    num_tasks: int = 2, classes_per_task: int = 3, train_per: int = 6, test_per: int = 3, size: int = 16
+) -> continual.Stream:
     g = torch.Generator().manual_seed(0)
     c = num_tasks * classes_per_task
 
@@ -160,10 +182,21 @@ def _random_stream(num_tasks: int = 2, classes_per_task: int = 3, train_per: int
 
 
 def _tiny_context(prompt_at: str = "last") -> continual.Context:
-    backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, embed_dim=32, depth=4,
-                                 num_heads=2, num_classes=0)
-    cfg = continual.Config(epochs=1, batch_size=8, img_size=28, pool_layers=2, smope_layers=2, prompt_length=2,
-                           smope_experts=4, smope_top_k=2, prompt_at=prompt_at, progress=False)
+    backbone = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=28, embed_dim=32, depth=4, num_heads=2, num_classes=0
+    )
+    cfg = continual.Config(
+        epochs=1,
+        batch_size=8,
+        img_size=28,
+        pool_layers=2,
+        smope_layers=2,
+        prompt_length=2,
+        smope_experts=4,
+        smope_top_k=2,
+        prompt_at=prompt_at,
+        progress=False,
+    )
     return continual.build_context(_random_stream(), backbone, cfg)
 
 
@@ -195,8 +228,9 @@ def test_pool_method_keeps_past_prompts_and_head_rows() -> None:
             assert torch.equal(pool.prompts[j].detach(), prompt), f"prompt of task {j} changed during task {t}"
             assert torch.equal(head.weight[rows].detach(), w) and torch.equal(head.bias[rows].detach(), b)
         rows = ctx.stream.splits[t]
-        seen.append((pool.prompts[t].detach().clone(), head.weight[rows].detach().clone(),
-                     head.bias[rows].detach().clone()))
+        seen.append(
+            (pool.prompts[t].detach().clone(), head.weight[rows].detach().clone(), head.bias[rows].detach().clone())
+        )
 
     continual.run_pool(ctx, "tanh", on_task_end=on_task_end)
     assert len(seen) == 3
@@ -212,8 +246,9 @@ def test_prompt_at_first_runs_whole_backbone() -> None:
 # --------------------------------------------------------------------------------------------------
 # Set-up failures: a clear message and a non-zero exit, before any training
 # --------------------------------------------------------------------------------------------------
-def test_missing_data_source_exits_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_data_source_exits_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise cl_data.DataSourceError("animal_mnist", "files not found", manual="pip download ...")
 
@@ -231,6 +266,15 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert continual.main(["--dataset", "cub", "--no-plot"]) == 2
     assert "--data-root" in capsys.readouterr().err
     _fake_cifar(tmp_path)
-    rc = continual.main(["--dataset", "cifar100", "--data-root", str(tmp_path), "--no-plot",
-                         "--checkpoint", str(tmp_path / "missing.pth")])
+    rc = continual.main(
+        [
+            "--dataset",
+            "cifar100",
+            "--data-root",
+            str(tmp_path),
+            "--no-plot",
+            "--checkpoint",
+            str(tmp_path / "missing.pth"),
+        ]
+    )
     assert rc == 1 and "does not exist" in capsys.readouterr().err

@@ -196,22 +196,24 @@ def _expected_timm_state(hf: _HFStyleFocus) -> dict[str, torch.Tensor]:
     }
     for i, layer in enumerate(hf.backbone.encoder.layer):
         a = layer.attention.attention
-        sd.update({
-            f"blocks.{i}.norm1.weight": layer.norm1.weight,
-            f"blocks.{i}.norm1.bias": layer.norm1.bias,
-            f"blocks.{i}.attn.qkv.weight": torch.cat([a.query.weight, a.key.weight, a.value.weight]),
-            f"blocks.{i}.attn.qkv.bias": torch.cat([a.query.bias, a.key.bias, a.value.bias]),
-            f"blocks.{i}.attn.proj.weight": layer.attention.output.dense.weight,
-            f"blocks.{i}.attn.proj.bias": layer.attention.output.dense.bias,
-            f"blocks.{i}.ls1.gamma": layer.layer_scale1.lambda1,
-            f"blocks.{i}.norm2.weight": layer.norm2.weight,
-            f"blocks.{i}.norm2.bias": layer.norm2.bias,
-            f"blocks.{i}.mlp.fc1.weight": layer.mlp.fc1.weight,
-            f"blocks.{i}.mlp.fc1.bias": layer.mlp.fc1.bias,
-            f"blocks.{i}.mlp.fc2.weight": layer.mlp.fc2.weight,
-            f"blocks.{i}.mlp.fc2.bias": layer.mlp.fc2.bias,
-            f"blocks.{i}.ls2.gamma": layer.layer_scale2.lambda1,
-        })
+        sd.update(
+            {
+                f"blocks.{i}.norm1.weight": layer.norm1.weight,
+                f"blocks.{i}.norm1.bias": layer.norm1.bias,
+                f"blocks.{i}.attn.qkv.weight": torch.cat([a.query.weight, a.key.weight, a.value.weight]),
+                f"blocks.{i}.attn.qkv.bias": torch.cat([a.query.bias, a.key.bias, a.value.bias]),
+                f"blocks.{i}.attn.proj.weight": layer.attention.output.dense.weight,
+                f"blocks.{i}.attn.proj.bias": layer.attention.output.dense.bias,
+                f"blocks.{i}.ls1.gamma": layer.layer_scale1.lambda1,
+                f"blocks.{i}.norm2.weight": layer.norm2.weight,
+                f"blocks.{i}.norm2.bias": layer.norm2.bias,
+                f"blocks.{i}.mlp.fc1.weight": layer.mlp.fc1.weight,
+                f"blocks.{i}.mlp.fc1.bias": layer.mlp.fc1.bias,
+                f"blocks.{i}.mlp.fc2.weight": layer.mlp.fc2.weight,
+                f"blocks.{i}.mlp.fc2.bias": layer.mlp.fc2.bias,
+                f"blocks.{i}.ls2.gamma": layer.layer_scale2.lambda1,
+            }
+        )
     return {k: v.detach() for k, v in sd.items()}
 
 
@@ -226,8 +228,14 @@ def hf_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 @pytest.fixture(scope="module")
 def timm_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
     model = timm.create_model(
-        "vit_small_patch14_dinov2", pretrained=False, img_size=28, depth=DEPTH, embed_dim=DIM,
-        num_heads=HEADS, init_values=1e-5, num_classes=0,
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=28,
+        depth=DEPTH,
+        embed_dim=DIM,
+        num_heads=HEADS,
+        init_values=1e-5,
+        num_classes=0,
     )
     model = _randomize(model, seed=2)
     path = _export(model, tmp_path_factory.mktemp("timm") / "vit.onnx", size=28, input_name="x")
@@ -324,8 +332,13 @@ def test_timm_roundtrip_outputs_match(timm_export: tuple[nn.Module, Path]) -> No
 def test_load_into_given_model(timm_export: tuple[nn.Module, Path]) -> None:
     model, path = timm_export
     target = timm.create_model(
-        "vit_small_patch14_dinov2", pretrained=False, img_size=28, depth=DEPTH, embed_dim=DIM,
-        num_heads=HEADS, num_classes=0,
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=28,
+        depth=DEPTH,
+        embed_dim=DIM,
+        num_heads=HEADS,
+        num_classes=0,
     )
     out = co.load_dinov2_from_onnx(path, target)
     assert out is target
@@ -335,8 +348,13 @@ def test_load_into_given_model(timm_export: tuple[nn.Module, Path]) -> None:
 def test_load_into_mismatched_model_raises(timm_export: tuple[nn.Module, Path]) -> None:
     _, path = timm_export
     wrong = timm.create_model(
-        "vit_small_patch14_dinov2", pretrained=False, img_size=28, depth=DEPTH + 1, embed_dim=DIM,
-        num_heads=HEADS, num_classes=0,
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=28,
+        depth=DEPTH + 1,
+        embed_dim=DIM,
+        num_heads=HEADS,
+        num_classes=0,
     )
     with pytest.raises(ValueError, match="does not match the ONNX encoder"):
         co.load_dinov2_from_onnx(path, wrong)

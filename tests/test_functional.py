@@ -1,10 +1,9 @@
 import pytest
+import reference as ref
 import torch
 
 from norga import NoRGaGate, Prefix, prefix_attention
 from norga.functional import available_backends, normalize_prefix, select_backend
-
-import reference as ref
 
 BACKENDS = ["math", "merge", "sdpa"]
 B, H, N, D, L = 3, 4, 11, 8, 5
@@ -29,8 +28,15 @@ def _check(backend, pk_flat, pv_flat, pk_h, pv_h, gate=None, ref_gate=None, bias
     prefix = Prefix(pk_flat, pv_flat, logits) if logits is not None else (pk_flat, pv_flat)
     out = prefix_attention(q, k, v, prefix, gate=gate, attn_bias=bias, backend=backend)
     expected = ref.prefix_attention(
-        q, k, v, pk_h(), pv_h(), scale=D**-0.5, gate=ref_gate, bias=None if bias is None else bias.expand(B, H, N, N),
-        logits=None if logits is None else logits.expand(B, H, 1, -1)
+        q,
+        k,
+        v,
+        pk_h(),
+        pv_h(),
+        scale=D**-0.5,
+        gate=ref_gate,
+        bias=None if bias is None else bias.expand(B, H, N, N),
+        logits=None if logits is None else logits.expand(B, H, 1, -1),
     )
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
     w = torch.randn_like(expected)
@@ -70,6 +76,7 @@ def test_linear_gate_all_prefix_shapes(backend, shape):
 
         def pv_h():
             return pv
+
     _check(backend, pk, pv, pk_h, pv_h)
 
 
@@ -80,8 +87,16 @@ def test_norga_gate_with_bias(backend, act):
     pv = torch.randn(B, L, H * D, requires_grad=True)
     gate = NoRGaGate(act, alpha=0.8, tau=1.7)
     bias = torch.randn(1, H, N, N, requires_grad=True)
-    _check(backend, pk, pv, lambda: ref.heads(pk, H), lambda: ref.heads(pv, H), gate=gate,
-           ref_gate=lambda s: ref.norga_gate(s, act, gate.alpha.double(), gate.tau.double()), bias=bias)
+    _check(
+        backend,
+        pk,
+        pv,
+        lambda: ref.heads(pk, H),
+        lambda: ref.heads(pv, H),
+        gate=gate,
+        ref_gate=lambda s: ref.norga_gate(s, act, gate.alpha.double(), gate.tau.double()),
+        bias=bias,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -95,8 +110,9 @@ def test_row_constant_logits_replace_scores(backend):
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
     w = torch.randn_like(expected)
     leaves = [qkv, pv, logits]
-    for g, e in zip(torch.autograd.grad((out.double() * w).sum(), leaves),
-                    torch.autograd.grad((expected * w).sum(), leaves)):
+    for g, e in zip(
+        torch.autograd.grad((out.double() * w).sum(), leaves), torch.autograd.grad((expected * w).sum(), leaves)
+    ):
         assert_grad_close(g, e)
 
 
@@ -108,8 +124,15 @@ def test_large_scores_are_stable(backend):
     pv = torch.randn(B, L, H * D)
     out = prefix_attention(q, k, v, (pk, pv), gate=NoRGaGate("sigmoid"), backend=backend)
     assert torch.isfinite(out).all()
-    expected = ref.prefix_attention(q, k, v, ref.heads(pk, H), ref.heads(pv, H), scale=D**-0.5,
-                                     gate=lambda s: ref.norga_gate(s, "sigmoid", 1.0, 1.0))
+    expected = ref.prefix_attention(
+        q,
+        k,
+        v,
+        ref.heads(pk, H),
+        ref.heads(pv, H),
+        scale=D**-0.5,
+        gate=lambda s: ref.norga_gate(s, "sigmoid", 1.0, 1.0),
+    )
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
 
 
@@ -128,8 +151,9 @@ def test_low_precision_close_to_fp32(dtype, backend):
     pk, pv = torch.randn(L, H * D), torch.randn(L, H * D)
     gate = NoRGaGate("tanh")
     full = prefix_attention(q, k, v, (pk, pv), gate=gate, backend="math")
-    low = prefix_attention(q.to(dtype), k.to(dtype), v.to(dtype), (pk.to(dtype), pv.to(dtype)), gate=gate,
-                           backend=backend)
+    low = prefix_attention(
+        q.to(dtype), k.to(dtype), v.to(dtype), (pk.to(dtype), pv.to(dtype)), gate=gate, backend=backend
+    )
     assert low.dtype == dtype and torch.isfinite(low).all()
     torch.testing.assert_close(low.float(), full, rtol=0, atol=5e-2)
 
@@ -160,5 +184,7 @@ def test_prefix_shape_errors():
         normalize_prefix(torch.randn(5, 32), 2, 4, 8)
     with pytest.raises(TypeError, match=r"must be tensors"):
         normalize_prefix(([1.0], [1.0]), 2, 4, 8)
-    with pytest.raises(ValueError, match=r"logits must have shape \(1 or B=2, H=4, 1 or N=7, L=5\), got \(2, 4, 3, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"logits must have shape \(1 or B=2, H=4, 1 or N=7, L=5\), got \(2, 4, 3, 5\)"
+    ):
         normalize_prefix(Prefix(torch.randn(5, 32), torch.randn(5, 32), torch.randn(2, 4, 3, 5)), 2, 4, 8, 7)

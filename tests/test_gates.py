@@ -2,10 +2,9 @@ import math
 
 import pytest
 import torch
+from reference import norga_gate
 
 from norga import NoRGaGate
-
-from reference import norga_gate
 
 
 @pytest.mark.parametrize("act", ["tanh", "sigmoid", "gelu"])

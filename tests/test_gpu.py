@@ -35,8 +35,15 @@ def test_cuda_backend_matches_float64_reference(backend, dtype):
     assert out.dtype == dtype and out.device.type == "cuda"
 
     r = [t.clone().requires_grad_(True) for t in (q64, k64, v64, pk64, pv64)]
-    want = ref.prefix_attention(r[0], r[1], r[2], ref.heads(r[3], H), ref.heads(r[4], H), scale=D**-0.5,
-                                gate=lambda s: ref.norga_gate(s, "tanh", 0.8, 1.2))
+    want = ref.prefix_attention(
+        r[0],
+        r[1],
+        r[2],
+        ref.heads(r[3], H),
+        ref.heads(r[4], H),
+        scale=D**-0.5,
+        gate=lambda s: ref.norga_gate(s, "tanh", 0.8, 1.2),
+    )
     tol = TOL[dtype]
     torch.testing.assert_close(out.double().cpu(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
 

@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import reference as ref
 import timm
 import torch
 import torch.nn.functional as F
@@ -8,8 +9,6 @@ import torch.nn.functional as F
 import norga
 from norga import NoRGaGate, PrefixPool, patch_vit, unpatch_vit
 from norga.patch import FAMILIES, attention_layers
-
-import reference as ref
 
 # One small model per supported family (and the common variants), never pretrained.
 FAMILY_MODELS = {
@@ -24,8 +23,10 @@ FAMILY_MODELS = {
     "beit": ("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=64, num_heads=4)),
     "relpos": ("vit_relpos_small_patch16_224", dict(img_size=32, depth=2)),
     "relpos_mlp": ("vit_relpos_medium_patch16_rpn_224", dict(img_size=32, depth=2)),
-    "sam": ("samvit_base_patch16", dict(img_size=64, depth=2, embed_dim=64, num_heads=4,
-                                        global_attn_indexes=[1], window_size=2)),
+    "sam": (
+        "samvit_base_patch16",
+        dict(img_size=64, depth=2, embed_dim=64, num_heads=4, global_attn_indexes=[1], window_size=2),
+    ),
 }
 
 
@@ -86,8 +87,16 @@ class _ReferenceSDPA:
             pk = pv = q.new_zeros(B, H, 0, D)
         else:
             pk, pv = prefix
-        out = ref.prefix_attention(q, k, v, pk, pv, scale=D**-0.5 if scale is None else scale,
-                                   gate=self.gate if prefix is not None else None, bias=bias).to(q.dtype)
+        out = ref.prefix_attention(
+            q,
+            k,
+            v,
+            pk,
+            pv,
+            scale=D**-0.5 if scale is None else scale,
+            gate=self.gate if prefix is not None else None,
+            bias=bias,
+        ).to(q.dtype)
         return out.reshape(B * H, N, -1) if flat else out
 
 
@@ -136,10 +145,10 @@ def test_per_sample_tasks_are_batch_invariant_and_route_gradients():
         batched = model(x)
     assert pool.task == 0  # restored
     for b in range(4):
-        with torch.no_grad(), norga.use_task(model, tasks[b:b + 1]):
-            torch.testing.assert_close(model(x[b:b + 1]), batched[b:b + 1], rtol=0, atol=1e-5)
+        with torch.no_grad(), norga.use_task(model, tasks[b : b + 1]):
+            torch.testing.assert_close(model(x[b : b + 1]), batched[b : b + 1], rtol=0, atol=1e-5)
         with torch.no_grad(), norga.use_task(model, int(tasks[b])):
-            torch.testing.assert_close(model(x[b:b + 1]), batched[b:b + 1], rtol=0, atol=1e-5)
+            torch.testing.assert_close(model(x[b : b + 1]), batched[b : b + 1], rtol=0, atol=1e-5)
     model.train()
     norga.set_task(model, tasks)
     model(x).sum().backward()
@@ -167,17 +176,27 @@ def test_layer_errors():
     with pytest.raises(ValueError, match=r"PrefixPool has dim=64 but layer 0 .* has width 192"):
         patch_vit(model, layers=[0], prompt=PrefixPool(2, 1, 4, 64))
     sam, _ = _model("sam")
-    with pytest.raises(ValueError, match=r"layer 0 \(blocks.0.attn\) uses windowed attention.*global-attention layers: \[1\]"):
+    with pytest.raises(
+        ValueError, match=r"layer 0 \(blocks.0.attn\) uses windowed attention.*global-attention layers: \[1\]"
+    ):
         patch_vit(sam, layers=[0])
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("resnet18", {}),
-    ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=2, embed_dim=32, depths=(1, 1), num_heads=(1, 2))),
-])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("resnet18", {}),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(img_size=64, window_size=2, embed_dim=32, depths=(1, 1), num_heads=(1, 2)),
+        ),
+    ],
+)
 def test_unsupported_models_raise(name, kw):
     model = timm.create_model(name, pretrained=False, **kw)
-    with pytest.raises(ValueError, match=r"no supported global attention found in .*searched for timm.layers.attention.Attention"):
+    with pytest.raises(
+        ValueError, match=r"no supported global attention found in .*searched for timm.layers.attention.Attention"
+    ):
         patch_vit(model)
 
 

@@ -8,14 +8,13 @@ import io
 import math
 
 import pytest
+import reference as ref
 import timm
 import torch
 import torch.nn.functional as F
 
 import norga
 from norga import NoRGaGate, PrefixMoEAttention, SMoPE
-
-import reference as ref
 
 DIM, HEADS, E, K = 32, 4, 10, 3
 HD = DIM // HEADS
