@@ -57,6 +57,15 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as a plain full tensor: FSDP2 keeps it sharded (a DTensor) outside the forward.
+
+    ``full_tensor()`` is a differentiable all-gather, so every rank must call the method that uses it.
+    """
+    full = getattr(p, "full_tensor", None)
+    return full() if callable(full) else p
+
+
 def _check_routing(num_experts: int, top_k: int, noise_eps: float) -> None:
     _positive_int("num_experts", num_experts)
     _positive_int("top_k", top_k)
@@ -211,7 +220,7 @@ class SMoPE(nn.Module):
         n_used = used.sum(dim=-1, keepdim=True)
         mean_nonzero = (self.usage * used).sum(dim=-1, keepdim=True) / n_used.clamp_min(1)
         self.frequent.copy_(used & (self.usage >= mean_nonzero))
-        self.key_snapshot.copy_(self.keys.detach())
+        self.key_snapshot.copy_(_full(self.keys.detach()))
         self.has_snapshot.fill_(True)
 
     def router_loss(self) -> torch.Tensor:
@@ -235,11 +244,11 @@ class SMoPE(nn.Module):
         ``CE(P . K_now^T, argmax(P . K_old^T))`` keeps each prototype closest to the expert it matched
         (summed over heads, averaged over the prototypes of a head). Zero before any :meth:`end_task`
         or when no expert is frequent."""
-        zero = self.keys.sum() * 0.0
         if not bool(self.has_snapshot) or not bool(self.frequent.any()):
-            return zero
+            return torch.zeros((), device=self.key_snapshot.device)
+        keys = _full(self.keys)
         old = self.key_snapshot
-        logits_now = old @ self.keys.transpose(-1, -2)  # (H, E, E): every old key against the keys now
+        logits_now = old @ keys.transpose(-1, -2)  # (H, E, E): every old key against the keys now
         with torch.no_grad():
             target = (old @ old.transpose(-1, -2)).argmax(dim=-1)  # (H, E): the expert each prototype matched
         ce = F.cross_entropy(logits_now.flatten(0, 1), target.flatten(), reduction="none").view(self.num_heads, -1)
@@ -327,7 +336,7 @@ def smope_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     layers = _require(model, "smope_losses")
     router = [m.router_loss() for m in layers if m._last_scores is not None]
     proto = [m.prototype_loss() for m in layers]
-    zero = layers[0].keys.sum() * 0.0
+    zero = torch.zeros((), device=layers[0].key_snapshot.device)
     return (torch.stack(router).sum() if router else zero), torch.stack(proto).sum()
 
 

@@ -204,7 +204,56 @@ def _scenario_fsdp2_pool(rank: int, outdir: str) -> dict:
     return out
 
 
-SCENARIOS = {"ddp_pool": _scenario_ddp_pool, "ddp_smope": _scenario_ddp_smope, "fsdp2_pool": _scenario_fsdp2_pool}
+def _scenario_fsdp2_smope(rank: int, outdir: str) -> dict:
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import norga
+    from norga.distributed import sync_smope_usage
+
+    model = _tiny()
+    norga.patch_vit(model, prompt=norga.smope_factory(num_experts=6, top_k=2, noise_eps=0.4), layers=[0, 1])
+    for name, p in model.named_parameters():
+        p.requires_grad_(".prompt." in name or name.startswith("head"))
+    layers = norga.smope_layers(model)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    out: dict = {"sharded": type(layers[0].keys).__name__, "local_keys_shape": tuple(layers[0].keys.to_local().shape)}
+    sync_smope_usage(model)  # baseline
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+
+    def train(first_step: int) -> None:
+        for step in range(first_step, first_step + STEPS):
+            opt.zero_grad(set_to_none=True)
+            x, y = _data(rank, step)
+            loss = F.cross_entropy(model(x), y)
+            router, proto = norga.smope_losses(model)  # the prototype loss gathers the sharded keys
+            (loss + 1e-3 * router + 1e-1 * proto).backward()
+            opt.step()
+
+    train(0)
+    sync_smope_usage(model)
+    norga.end_task(model)  # snapshots the full (gathered) keys on every rank
+    out["snapshot"] = [m.key_snapshot.clone() for m in layers]
+    out["keys_at_end"] = [m.keys.full_tensor().detach().clone() for m in layers]
+    out["proto_at_snapshot"] = float(norga.smope_losses(model)[1])
+    train(10)
+    sync_smope_usage(model)
+    out["usage"] = [m.usage.clone() for m in layers]
+    out["frequent"] = [m.frequent.clone() for m in layers]
+    out["final"] = _params(model)
+    return out
+
+
+SCENARIOS = {
+    "ddp_pool": _scenario_ddp_pool,
+    "ddp_smope": _scenario_ddp_smope,
+    "fsdp2_pool": _scenario_fsdp2_pool,
+    "fsdp2_smope": _scenario_fsdp2_smope,
+}
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
@@ -339,3 +388,18 @@ def test_fsdp2_prompts_save_full_tensors(ranks):
         assert saved["prompt_pool.prompts"].shape == (3, 2, 2, 4, 64)
         for name, t in saved.items():
             assert torch.equal(t, r["final"][name]), name
+
+
+def test_fsdp2_smope_trains_with_sharded_experts(ranks):
+    r0, r1 = _get(ranks, "fsdp2_smope")
+    assert r0["sharded"] == "DTensor"
+    assert r0["local_keys_shape"][0] + r1["local_keys_shape"][0] == 4  # 4 heads split over 2 ranks
+    for s0, s1, k in zip(r0["snapshot"], r1["snapshot"], r0["keys_at_end"]):
+        assert s0.shape == (4, 6, 16)
+        assert torch.equal(s0, s1) and torch.equal(s0, k)  # the full keys, on every rank
+    assert r0["proto_at_snapshot"] > 0 and r0["proto_at_snapshot"] == r1["proto_at_snapshot"]
+    for u0, u1 in zip(r0["usage"], r1["usage"]):
+        assert torch.equal(u0, u1)
+        assert u0.sum() == 2 * WORLD * STEPS * 4 * 4 * 2  # 2 tasks x ranks x steps x batch x heads x top_k
+    for name in r0["final"]:
+        assert torch.equal(r0["final"][name], r1["final"][name]), name
