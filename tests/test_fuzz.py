@@ -2,7 +2,7 @@
 
 Random shapes, dtypes (float32, float64, bfloat16) and bad values are thrown at ``NoRGaGate``,
 ``prefix_attention`` (every backend), ``normalize_prefix``, ``PrefixMoEAttention`` and
-``PrefixPool``/``set_task``. Every example must either
+``PrefixPool``/``set_task`` and ``SMoPE``. Every example must either
 
 * give the right answer, compared with the float64 references of ``tests/reference.py`` (written from
   the equations, not from norga) at a tolerance set by the dtype, or
@@ -635,3 +635,77 @@ def test_merge_on_empty_sequences_does_not_crash(backend):
         else:
             out = prefix_attention(*args, prefix, backend=backend)
             assert out.shape == args[0].shape and math.isfinite(out.sum().item())
+
+
+# --------------------------------------------------------------------------------------------------
+# SMoPE
+
+
+@FUZZ
+@given(
+    heads=st.integers(1, 4),
+    head_dim=st.integers(1, 6),
+    experts=st.integers(1, 8),
+    top_k=st.integers(1, 8),
+    B=st.integers(1, 3),
+    N=st.integers(1, 5),
+    dtype=st.sampled_from(DTYPES),
+    train=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_smope_routes_like_the_reference_or_refuses(heads, head_dim, experts, top_k, B, N, dtype, train, seed):
+    """Any configuration: a top-K routing equal to the reference, or a clear error for top_k > num_experts."""
+    dim = heads * head_dim
+    if top_k > experts:
+        _clear_error(lambda: norga.SMoPE(dim, heads, experts, top_k), f"top_k={top_k}", f"num_experts={experts}")
+        return
+    torch.manual_seed(seed)
+    m = norga.SMoPE(dim, heads, experts, top_k).train(train)
+    q = _randn(torch.Generator().manual_seed(seed), B, heads, N, head_dim, dtype=dtype)
+    p = m(q)
+    assert p.key.shape == p.value.shape == (B, heads, top_k, head_dim) and p.key.dtype == dtype
+    assert p.logits.shape == (B, heads, 1, top_k) and torch.isfinite(p.logits).all()
+    # reference: s_j = mean_n(q) . key_j in float64; the selected experts are a top-K set of s (no noise:
+    # nothing is frequent before end_task), compared by score so that ties cannot fail the test
+    s = torch.einsum("bhd,hed->bhe", q.double().mean(2), m.keys.detach().double())
+    chosen = s.gather(-1, p.indices)
+    kth = s.topk(top_k, dim=-1).values[..., -1:]
+    assert (chosen >= kth - 1e-4 * (1 + s.abs().amax())).all()
+    assert all(len(set(row)) == top_k for row in p.indices.reshape(-1, top_k).tolist())
+    torch.testing.assert_close(p.logits[:, :, 0].double(), m.scale * chosen, rtol=1e-4, atol=1e-4)
+
+
+@FUZZ
+@given(
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=6),
+    dtype=st.sampled_from([torch.float32, torch.int64, torch.bool]),
+)
+def test_smope_rejects_bad_queries(shape, dtype):
+    m = norga.SMoPE(8, 2, num_experts=4, top_k=2)
+    good = len(shape) == 4 and shape[1] == 2 and shape[3] == 4 and shape[2] >= 1
+    q = torch.zeros(shape, dtype=dtype)
+    if good and dtype == torch.float32:
+        assert m(q).key.shape == (shape[0], 2, 2, 4)
+    elif not good:
+        _clear_error(lambda: m(q), "q must have shape", str(tuple(shape)))
+    else:
+        _clear_error(lambda: m(q), "floating-point", str(dtype))
+
+
+@FUZZ
+@given(
+    which=st.sampled_from(["dim", "num_heads", "num_experts", "top_k", "noise_eps"]),
+    bad=st.sampled_from([0, -3, 2.5, float("nan"), float("inf"), "4", True]),
+)
+def test_smope_rejects_bad_configuration(which, bad):
+    args = {"dim": 8, "num_heads": 2, "num_experts": 4, "top_k": 2, "noise_eps": 0.4}
+    if (
+        which == "noise_eps"
+        and isinstance(bad, (int, float))
+        and not isinstance(bad, bool)
+        and bad >= 0
+        and math.isfinite(bad)
+    ):
+        return  # 2.5 is a valid noise level
+    args[which] = bad
+    _clear_error(lambda: norga.SMoPE(**args), which)
