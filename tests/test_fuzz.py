@@ -2,7 +2,7 @@
 
 Random shapes, dtypes (float32, float64, bfloat16) and bad values are thrown at ``NoRGaGate``,
 ``prefix_attention`` (every backend), ``normalize_prefix``, ``PrefixMoEAttention`` and
-``PrefixPool``/``set_task`` and ``SMoPE``. Every example must either
+``PrefixPool``/``set_task``, ``SMoPE`` and ``patch_vit``. Every example must either
 
 * give the right answer, compared with the float64 references of ``tests/reference.py`` (written from
   the equations, not from norga) at a tolerance set by the dtype, or
@@ -709,3 +709,55 @@ def test_smope_rejects_bad_configuration(which, bad):
         return  # 2.5 is a valid noise level
     args[which] = bad
     _clear_error(lambda: norga.SMoPE(**args), which)
+
+
+# --------------------------------------------------------------------------------------------------
+# patch_vit
+
+_DEPTH = 3
+
+
+@settings(FUZZ, max_examples=30)
+@given(
+    layers=st.one_of(
+        st.none(),
+        st.just("all"),
+        st.text(max_size=4),
+        st.lists(st.integers(-2, _DEPTH + 1), max_size=4),
+    ),
+    gate=st.sampled_from([None, "tanh", "sigmoid", "gelu", "relu", 3]),
+)
+def test_patch_vit_layers_and_gates(layers, gate):
+    """Any layer selection and gate: the right layers patched (and parity without prompts), or a clear error."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=_DEPTH, num_classes=3
+    ).eval()
+    x = torch.randn(2, 3, 16, 16)
+    before = model(x)
+    if isinstance(layers, str) and layers != "all":
+        _clear_error(lambda: norga.patch_vit(model, layers=layers, gate=gate), repr(layers))
+        return
+    if isinstance(layers, list):
+        if len(set(layers)) != len(layers):
+            _clear_error(lambda: norga.patch_vit(model, layers=layers, gate=gate), "duplicates")
+            return
+        bad = [i for i in sorted(layers) if not 0 <= i < _DEPTH]
+        if bad:
+            _clear_error(lambda: norga.patch_vit(model, layers=layers, gate=gate), f"layer index {bad[0]}")
+            return
+        if not layers:
+            _clear_error(lambda: norga.patch_vit(model, layers=layers, gate=gate), "empty")
+            return
+    if gate == 3:
+        _clear_error(lambda: norga.patch_vit(model, layers=layers, gate=gate), "gate", "int")
+        return
+    if gate == "relu":
+        _clear_error(lambda: norga.patch_vit(model, layers=layers, gate=gate), "relu")
+        return
+    norga.patch_vit(model, layers=layers, gate=gate)
+    expected = list(range(_DEPTH)) if layers in (None, "all") else sorted(layers)
+    assert [layer.index for layer in norga.patched_layers(model)] == expected
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)  # no prompt: the timm model's output
