@@ -107,7 +107,8 @@ def check_attention_inputs(
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be None or a real number, got {type(scale).__name__} ({scale!r})")
-        if not math.isfinite(float(scale)):
+        # under torch.compile(dynamic=True) the scale may be symbolic, and math.isfinite cannot be traced
+        if not torch.compiler.is_compiling() and not math.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a real number in [0, 1], got {type(dropout_p).__name__} ({dropout_p!r})")

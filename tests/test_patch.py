@@ -263,3 +263,23 @@ def test_torch_compile_fullgraph_per_sample_tasks():
             got = compiled(x)
             eager = model(x)
         torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad", [False, True])
+def test_torch_compile_fullgraph_dynamic_batch(grad):
+    """``dynamic=True`` traces the attention scale as a symbolic float and the batch as a symbolic size:
+    the patched model still compiles in one graph and matches eager for several batch sizes."""
+    model, size = _model("vit")
+    patch_vit(model, gate=NoRGaGate("tanh"), layers="all", prompt=PrefixPool(4, 2, 3, 192))
+    norga.set_task(model, 1)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for batch in (2, 5):
+        x = torch.randn(batch, 3, size, size)
+        with torch.set_grad_enabled(grad):
+            got, eager = compiled(x), model(x)
+        torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+        if grad:
+            (g,) = torch.autograd.grad(got.sum(), model.prompt_pool.prompts)
+            (e,) = torch.autograd.grad(eager.sum(), model.prompt_pool.prompts)
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
