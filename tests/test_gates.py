@@ -60,3 +60,35 @@ def test_gate_errors():
         NoRGaGate("tanh", alpha="1")
     with pytest.raises(TypeError, match=r"activation must be one of"):
         NoRGaGate(3)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "gelu"])
+def test_gate_without_autograd_matches_equation_and_keeps_input(act, dtype, mode):
+    """Without a graph the built-in activations run in place on one temporary (tanh as 2 sigmoid(2x) - 1):
+    same values as the equation, within a few ulps, and the input is left as it was."""
+    s = torch.randn(2, 3, 9, 6, dtype=dtype) * 4
+    kept = s.clone()
+    gate = NoRGaGate(act, alpha=1.3, tau=0.6).to(dtype)
+    if mode == "frozen":
+        gate.freeze()
+        out = gate(s)
+    else:
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            out = gate(s)
+    want = norga_gate(s.double(), act, gate.alpha.item(), gate.tau.item())
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert out.dtype == dtype and not out.requires_grad
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
+    assert torch.equal(s, kept)
+
+
+def test_gate_without_autograd_custom_activation_output_untouched():
+    """A custom activation may return a tensor it keeps; the gate never updates it in place."""
+    kept = torch.full((2, 5), 0.25)
+    gate = NoRGaGate(lambda x: kept, alpha=2.0)
+    with torch.no_grad():
+        out = gate(torch.ones(2, 5))
+    torch.testing.assert_close(out, torch.full((2, 5), 1.5))
+    assert torch.equal(kept, torch.full((2, 5), 0.25))
