@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ._validation import check_attention_inputs, check_prefix_dims, shape_str
+from .gates import NoRGaGate
 
 __all__ = [
     "Prefix",
@@ -177,13 +178,19 @@ def prefix_scores(
             s = torch.matmul(q.float(), (prefix_key.float() * scale).transpose(-2, -1))
         else:
             s = logits.float()
-        if gate is not None:
-            shape = s.shape
-            s = gate(s)
-            if not isinstance(s, torch.Tensor) or s.shape != shape:
-                got = shape_str(s) if isinstance(s, torch.Tensor) else type(s).__name__
-                raise ValueError(f"gate must be elementwise: expected a tensor of shape {shape_str(shape)}, got {got}")
+        s = _apply_gate(gate, s)
     return s.expand(q.shape[0], q.shape[1], q.shape[2], prefix_key.shape[2])
+
+
+def _apply_gate(gate: Gate, s: torch.Tensor) -> torch.Tensor:
+    if gate is None:
+        return s
+    shape = s.shape
+    out = gate(s)
+    if not isinstance(out, torch.Tensor) or out.shape != shape:
+        got = shape_str(out) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"gate must be elementwise: expected a tensor of shape {shape_str(shape)}, got {got}")
+    return out
 
 
 def attention_bias(
@@ -338,6 +345,56 @@ class _MergeFunction(torch.autograd.Function):
         return dq, dk, dv, dbias, dg, dpv, None, None
 
 
+def _merge_no_grad(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    gate: Gate,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The ``merge`` backend without autograd: the equations of :class:`_MergeFunction`, fewer buffers.
+
+    On CPU a fresh buffer costs page faults comparable to the arithmetic of this epilogue, so:
+
+    - the prefix scores come out of one GEMM against ``[scale * pk; 0]``, already ``L + 1`` columns
+      wide; the gate runs on them and the last column is overwritten with ``lse_tok`` (no concatenation);
+    - the output is the fused kernel's token output, updated in place (``o_tok *= w_tok``, then
+      ``o_tok += p @ pv`` per sample), so it keeps the kernel's ``(B, N, H, D)`` memory layout and a later
+      ``transpose(1, 2).reshape(B, N, C)`` is free, as after SDPA.
+    """
+    bias = _bias4d(bias, q.dtype)
+    o_tok, lse_tok = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=bias, scale=scale
+    )
+    length = pk.shape[-2]
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        pk32 = pk.float() * scale
+        pk_pad = torch.cat([pk32, pk32.new_zeros(pk32.shape[:-2] + (1, pk32.shape[-1]))], dim=-2)
+        cols = torch.matmul(q.float(), pk_pad.transpose(-2, -1))  # (B, H, N, L + 1), last column 0
+        if isinstance(gate, NoRGaGate):  # elementwise by construction: gate all columns, no copy
+            cols = gate(cols)
+        elif gate is not None:  # any other gate sees exactly the (B, H, N, L) prefix scores
+            cols[..., :length] = _apply_gate(gate, cols[..., :length])
+        cols[..., length] = lse_tok
+        weights = torch.softmax(cols, dim=-1)
+        out = o_tok if o_tok.dtype == torch.float32 else o_tok.float()  # a float32 kernel output is ours
+        out.mul_(weights[..., length:])
+        p_pre, pv32 = weights[..., :length], pv.float().expand(q.shape[0], q.shape[1], -1, -1)
+        for i in range(out.shape[0]):  # a batched GEMM per sample, written into out's strided rows
+            out[i].baddbmm_(p_pre[i], pv32[i])
+    return out.to(v.dtype)
+
+
+def _bias4d(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    bias = bias.to(dtype)
+    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)) if bias.dim() < 4 else bias
+
+
 def _merge(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -348,10 +405,7 @@ def _merge(
     scale: float,
 ) -> torch.Tensor:
     b, h, n, _ = q.shape
-    if bias is not None:
-        bias = bias.to(q.dtype)
-        if bias.dim() < 4:
-            bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    bias = _bias4d(bias, q.dtype)
     pv = pv.expand(b, h, -1, -1)
     need_lse = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, g, pv))
     return _MergeFunction.apply(q, k, v, bias, g, pv, scale, need_lse)
@@ -436,7 +490,6 @@ def prefix_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
     pk = pk.to(q.device)
     pv = pv.to(device=v.device)
-    g = prefix_scores(q, pk, scale, gate, p.logits)
     name = select_backend(q, backend, dropout_p)
     if name == "merge" and (n == 0 or k.shape[2] == 0):
         # The fused CPU kernel divides by zero on empty sequences (it kills the process).
@@ -446,6 +499,9 @@ def prefix_attention(
                 "use 'sdpa' or 'math'"
             )
         name = "sdpa"
+    if name == "merge" and p.logits is None and not torch.is_grad_enabled():
+        return _merge_no_grad(q, k, v, pk, pv, gate, attn_bias, scale)
+    g = prefix_scores(q, pk, scale, gate, p.logits)
     if name == "math":
         return _math(q, k, v, g, pv, attn_bias, scale, dropout_p)
     if name == "sdpa":

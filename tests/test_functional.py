@@ -188,3 +188,69 @@ def test_prefix_shape_errors():
         ValueError, match=r"logits must have shape \(1 or B=2, H=4, 1 or N=7, L=5\), got \(2, 4, 3, 5\)"
     ):
         normalize_prefix(Prefix(torch.randn(5, 32), torch.randn(5, 32), torch.randn(2, 4, 3, 5)), 2, 4, 8, 7)
+
+
+def _softmax_gate(s):
+    """Shape-preserving but not elementwise: must see exactly the L prefix columns on every path."""
+    return torch.softmax(s, dim=-1) * 3.0
+
+
+@pytest.mark.parametrize("gate_name", ["none", "tanh", "sigmoid", "gelu", "custom"])
+@pytest.mark.parametrize("shape", ["shared", "per_sample"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_merge_without_autograd_matches_reference(gate_name, shape, with_bias):
+    """Under no_grad the merge backend takes its in-place path: same result as the float64 reference and
+    as the autograd path, inputs untouched, and the output in the fused kernel's (B, N, H, D) layout."""
+    _, q, k, v = _qkv()
+    q, k, v = q.detach(), k.detach(), v.detach()
+    lead = (L,) if shape == "shared" else (B, L)
+    pk, pv = torch.randn(*lead, H * D), torch.randn(*lead, H * D)
+    bias = torch.randn(1, H, N, N) if with_bias else None
+    if gate_name in ("none", "custom"):
+        gate, ref_gate = (None, None) if gate_name == "none" else (_softmax_gate, _softmax_gate)
+    else:
+        gate = NoRGaGate(gate_name, alpha=0.8, tau=1.7)
+        ref_gate = lambda s, a=gate_name: ref.norga_gate(s, a, gate.alpha.item(), gate.tau.item())  # noqa: E731
+    kept = [t.clone() for t in (q, k, v, pk, pv)]
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, (pk, pv), gate=gate, attn_bias=bias, backend="merge")
+    for t, c in zip((q, k, v, pk, pv), kept):
+        assert torch.equal(t, c)
+    assert out.transpose(1, 2).is_contiguous()
+    pk_h, pv_h = ref.heads(pk, H), ref.heads(pv, H)
+    if shape == "shared":
+        pk_h, pv_h = pk_h.expand(B, -1, -1, -1), pv_h.expand(B, -1, -1, -1)
+    expected = ref.prefix_attention(
+        q, k, v, pk_h, pv_h, scale=D**-0.5, gate=ref_gate, bias=None if bias is None else bias.expand(B, H, N, N)
+    )
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    with_graph = prefix_attention(q, k, v, (pk, pv), gate=gate, attn_bias=bias, backend="merge")
+    torch.testing.assert_close(out, with_graph, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_without_autograd_low_precision(dtype):
+    _, q, k, v = _qkv()
+    q, k, v = (t.detach().to(dtype) for t in (q, k, v))
+    pk, pv = torch.randn(B, L, H * D, dtype=dtype), torch.randn(B, L, H * D, dtype=dtype)
+    gate = NoRGaGate("tanh")
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, (pk, pv), gate=gate, backend="merge")
+    expected = ref.prefix_attention(
+        q,
+        k,
+        v,
+        ref.heads(pk, H),
+        ref.heads(pv, H),
+        scale=D**-0.5,
+        gate=lambda s: ref.norga_gate(s, "tanh", 1.0, 1.0),
+    )
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-2)
+
+
+def test_merge_without_autograd_bad_gate_is_a_clear_error():
+    _, q, k, v = _qkv()
+    pk = torch.randn(L, H * D)
+    with torch.no_grad(), pytest.raises(ValueError, match="elementwise"):
+        prefix_attention(q, k, v, (pk, pk), gate=lambda s: s[..., :1], backend="merge")
