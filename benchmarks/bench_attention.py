@@ -72,7 +72,7 @@ def runner(name: str, fn, inputs, gate, mode: str):
 def memory_child(args: argparse.Namespace) -> None:
     """In a fresh process: build inputs, then report the ``ru_maxrss`` growth of one call (MiB)."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    fns = contenders(args.device)
+    fns = contenders(args.device, args.mode[0])
     inputs = make_inputs(
         args.B[0], args.N[0], args.L[0], requires_grad=args.mode[0] == "fwdbwd", dtype=DTYPES[args.dtype]
     )
@@ -119,7 +119,7 @@ def cuda_peak_mib(run, device) -> float:
 def bench_shape(b: int, n: int, length: int, mode: str, args: argparse.Namespace) -> List[Dict[str, object]]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    fns = contenders(device)
+    fns = contenders(device, mode)
     if args.contenders:
         fns = {k: v for k, v in fns.items() if k in args.contenders}
     inputs = make_inputs(b, n, length, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")

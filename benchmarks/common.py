@@ -73,10 +73,13 @@ def _backend(name: str) -> Contender:
     return fn
 
 
-def contenders(device: torch.device | str = "cpu") -> Dict[str, Contender]:
-    """Every contender that can run on ``device``, by name (norga backends as ``math``, ``merge``, ...)."""
+def contenders(device: torch.device | str = "cpu", mode: str = "fwd") -> Dict[str, Contender]:
+    """Every contender that can run on ``device`` in ``mode`` (``fwd`` or ``fwdbwd``), by name (norga
+    backends as ``math``, ``merge``, ...). ``flex`` has no backward on CPU, so it is left out there."""
     out: Dict[str, Contender] = {"naive": naive}
     for name in available_backends(device):
+        if name == "flex" and torch.device(device).type == "cpu" and mode == "fwdbwd":
+            continue
         out[name] = _backend(name)
     out["auto"] = _backend("auto")
     out["floor"] = floor

@@ -142,7 +142,7 @@ class PrefixMoEAttention(PrefixAttentionMixin, _TimmAttention):  # type: ignore[
             default ``NoRGaGate``. Stored as ``prefix_gate``.
         prompt: Module called as ``prompt(q)`` to obtain the prefix when ``forward`` is given none.
         backend: Prefix-attention backend when ``fused_attn`` is on: ``"auto"``, ``"merge"``,
-            ``"sdpa"`` or ``"math"`` (see :mod:`norga.functional`).
+            ``"sdpa"``, ``"flex"`` or ``"math"`` (see :mod:`norga.functional`).
         **timm_kwargs: Further arguments of ``timm.layers.Attention`` (``attn_head_dim``, ``dim_out``,
             ``scale_norm``, ``proj_bias``, ``gated``, ``device``, ``dtype``).
 

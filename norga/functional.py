@@ -25,6 +25,12 @@ Backends (``backend=``):
     ``F.scaled_dot_product_attention`` over the concatenated keys, with the gate's residual passed as an
     additive mask on the prefix columns. Exact and differentiable everywhere, supports dropout, but
     materialises a ``B x H x N x (N + L)`` mask.
+``"flex"``
+    ``torch.nn.attention.flex_attention`` over ``[prefix; tokens]``, compiled, with the gate as a
+    ``score_mod`` on the prefix columns (and ``logits``/``attn_bias`` read by index inside the kernel): one
+    fused kernel, no ``N x N`` buffer. Opt-in. CUDA (Triton) and CPU (C++); PyTorch has no FlexAttention
+    backward on CPU, so there it runs without autograd only (a clear ``ValueError`` otherwise). The first
+    call per shape and activation compiles (seconds). No dropout.
 ``"auto"``
     By device, dtype and shape: ``merge`` where its kernel exists (CPU, any dtype the CPU flash kernel
     takes, no dropout, N and M > 0), else ``sdpa``. The fastest gated backend on every CPU shape measured
@@ -57,7 +63,7 @@ __all__ = [
     "attention_bias",
 ]
 
-BACKENDS = ("auto", "math", "merge", "sdpa")
+BACKENDS = ("auto", "math", "merge", "sdpa", "flex")
 
 
 class Prefix(NamedTuple):
@@ -411,19 +417,95 @@ def _merge(
     return _MergeFunction.apply(q, k, v, bias, g, pv, scale, need_lse)
 
 
+def _flex_available(device: torch.device) -> bool:
+    if device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - torch >= 2.5 has it
+        return False
+    return True
+
+
+_FLEX: list = []  # the compiled flex_attention, built on first use
+
+
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # FlexAttention is fused only when compiled; inside an outer torch.compile this is inlined.
+        _FLEX.append(torch.compile(flex_attention))
+    return _FLEX[0]
+
+
+def _flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    gate: Gate,
+    logits: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """FlexAttention over ``[prefix; tokens]`` with the gate as a ``score_mod`` on the prefix columns.
+
+    One fused kernel (compiled by inductor: Triton on CUDA, C++ on CPU): the scores are never
+    materialised. ``logits`` and ``bias`` are read inside the kernel by index.
+    """
+    b, h, n, _ = q.shape
+    length = pk.shape[-2]
+    if q.device.type == "cpu" and torch.is_grad_enabled():
+        needs = [t for t in (q, k, v, pk, pv, logits, bias) if t is not None and t.requires_grad]
+        if needs or (isinstance(gate, torch.nn.Module) and any(p.requires_grad for p in gate.parameters())):
+            raise ValueError(
+                "backend 'flex' has no backward on CPU (a PyTorch limitation); use 'merge' or 'auto' when "
+                "training on CPU, or run under torch.no_grad()"
+            )
+    keys = torch.cat([pk.to(k.dtype).expand(b, h, -1, -1), k], dim=-2)
+    values = torch.cat([pv.to(v.dtype).expand(b, h, -1, -1), v], dim=-2)
+
+    def at(t: torch.Tensor, bi, hi, qi, ki):  # index a broadcastable (B|1, H|1, N|1, X) tensor
+        return t[bi if t.shape[0] > 1 else 0, hi if t.shape[1] > 1 else 0, qi if t.shape[2] > 1 else 0, ki]
+
+    gated: Callable[[torch.Tensor], torch.Tensor]
+    if isinstance(gate, NoRGaGate):
+        act, alpha, tau = gate.act, gate.alpha, gate.tau
+        gated = lambda x: x + alpha * act(tau * x)  # the gate's formula, traceable inside the kernel
+    else:
+        gated = gate if gate is not None else (lambda x: x)
+
+    def score_mod(score, bi, hi, qi, ki):
+        pre = score if logits is None else at(logits, bi, hi, qi, ki.clamp(max=length - 1)).to(score.dtype)
+        tok = score if bias is None else score + at(bias, bi, hi, qi, (ki - length).clamp(min=0)).to(score.dtype)
+        return torch.where(ki < length, gated(pre), tok)
+
+    out = _compiled_flex()(q, keys, values, score_mod=score_mod, scale=scale)
+    return out.to(v.dtype)
+
+
 def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
-    """The concrete backends usable on ``device`` (``"math"`` and ``"sdpa"`` always are)."""
+    """The concrete backends usable on ``device`` (``"math"`` and ``"sdpa"`` always are).
+
+    ``"flex"`` is listed on CPU and CUDA; on CPU it runs without autograd only (PyTorch has no CPU
+    FlexAttention backward).
+    """
     device = torch.device(device)
     names = ["math", "sdpa"]
     if device.type == "cpu" and _cpu_flash_available():
         names.insert(1, "merge")
+    if _flex_available(device):
+        names.append("flex")
     return tuple(names)
 
 
 def select_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.0) -> str:
     """Pick the concrete backend for ``q``.
 
-    ``"auto"`` picks ``"merge"`` on CPU without dropout (fused, O(N) extra memory), else ``"sdpa"``.
+    ``"auto"`` picks ``"merge"`` on CPU without dropout (fused, O(N) extra memory), else ``"sdpa"``;
+    ``"flex"`` is never picked automatically.
     An explicit backend that cannot run here raises ``ValueError``; there is no silent fallback.
     """
     if backend not in BACKENDS:
@@ -441,6 +523,16 @@ def select_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.
         if dropout_p > 0.0:
             raise ValueError(
                 f"backend 'merge' does not support attention dropout (dropout_p={dropout_p}); use 'sdpa' or 'math'"
+            )
+    if backend == "flex":
+        if "flex" not in available_backends(q.device):
+            raise ValueError(
+                f"backend 'flex' is not available on device {q.device.type!r}; "
+                f"available: {available_backends(q.device)}"
+            )
+        if dropout_p > 0.0:
+            raise ValueError(
+                f"backend 'flex' does not support attention dropout (dropout_p={dropout_p}); use 'sdpa' or 'math'"
             )
     return backend
 
@@ -471,7 +563,7 @@ def prefix_attention(
         attn_bias: Additive float bias over the *token* columns, broadcastable to ``(B, H, N, M)``
             (relative position bias, masks). Prefix columns are never masked.
         dropout_p: Attention dropout on the full softmax.
-        backend: ``"auto"``, ``"math"``, ``"merge"`` or ``"sdpa"`` (module docstring).
+        backend: ``"auto"``, ``"math"``, ``"merge"``, ``"sdpa"`` or ``"flex"`` (module docstring).
 
     Returns:
         ``(B, H, N, D)`` in the dtype of ``v``.
@@ -499,6 +591,10 @@ def prefix_attention(
                 "use 'sdpa' or 'math'"
             )
         name = "sdpa"
+    if name == "flex":
+        if n == 0:  # the compiled CPU kernel divides by zero (it kills the process)
+            raise ValueError(f"backend 'flex' needs at least one query, got N={n}; use 'sdpa' or 'math'")
+        return _flex(q, k, v, pk, pv, gate, p.logits, attn_bias, scale)
     if name == "merge" and p.logits is None and not torch.is_grad_enabled():
         return _merge_no_grad(q, k, v, pk, pv, gate, attn_bias, scale)
     g = prefix_scores(q, pk, scale, gate, p.logits)

@@ -57,5 +57,17 @@ def test_bench_attention_cli_runs(tmp_path):
     rows = bench_main(["--B", "1", "--N", "9", "--L", "3", "--repeats", "1", "--warmup", "0", "--out", str(out)])
     assert out.exists()
     got = {(r["mode"], r["contender"]) for r in rows}
-    assert got == {(m, c) for m in ("fwd", "fwdbwd") for c in contenders("cpu")}
+    assert got == {(m, c) for m in ("fwd", "fwdbwd") for c in contenders("cpu", m)}
+    assert ("fwd", "flex") in got and ("fwdbwd", "flex") not in got  # no FlexAttention backward on CPU
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_flex_contender_agrees_forward():
+    """``flex`` (forward only on CPU) computes what ``naive`` computes."""
+    fns = contenders("cpu")
+    gate = make_gate()
+    q, k, v, pk, pv = make_inputs(2, 7, 3, heads=3, head_dim=8, seed=3)
+    with torch.no_grad():
+        got, want = fns["flex"](q, k, v, pk, pv, gate), fns["naive"](q, k, v, pk, pv, gate)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    assert "flex" not in contenders("cpu", "fwdbwd")

@@ -254,3 +254,66 @@ def test_merge_without_autograd_bad_gate_is_a_clear_error():
     pk = torch.randn(L, H * D)
     with torch.no_grad(), pytest.raises(ValueError, match="elementwise"):
         prefix_attention(q, k, v, (pk, pk), gate=lambda s: s[..., :1], backend="merge")
+
+
+FLEX_CASES = {  # one compile each (a few seconds on CPU): every activation, bias, logits, prefix layouts
+    "tanh-bias-per_sample": ("tanh", "bias", (B, L)),
+    "sigmoid-logits-per_head": ("sigmoid", "logits", None),
+    "gelu-shared": ("gelu", None, (L,)),
+    "linear-shared": (None, None, (L,)),
+    "custom-bias-per_sample": ("custom", "bias", (B, L)),
+}
+
+
+@pytest.mark.parametrize("case", list(FLEX_CASES))
+def test_flex_forward_matches_reference(case):
+    """FlexAttention with the gate as a score_mod (compiled C++ kernel on CPU, forward only there)."""
+    act, extra, lead = FLEX_CASES[case]
+    _, q, k, v = _qkv()
+    q, k, v = q.detach(), k.detach(), v.detach()
+    if lead is None:
+        pk, pv = torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+        pk_h, pv_h = pk, pv
+    else:
+        pk, pv = torch.randn(*lead, H * D), torch.randn(*lead, H * D)
+        pk_h, pv_h = ref.heads(pk, H), ref.heads(pv, H)
+        if len(lead) == 1:
+            pk_h, pv_h = pk_h.expand(B, -1, -1, -1), pv_h.expand(B, -1, -1, -1)
+    if act is None:
+        gate, ref_gate = None, None
+    elif act == "custom":
+        gate = ref_gate = lambda s: 0.5 * s - torch.sin(s)  # noqa: E731
+    else:
+        gate = NoRGaGate(act, alpha=0.8, tau=1.7)
+        ref_gate = lambda s: ref.norga_gate(s, act, gate.alpha.item(), gate.tau.item())  # noqa: E731
+    bias = torch.randn(1, H, N, N) if extra == "bias" else None
+    logits = torch.randn(B, H, 1, L) if extra == "logits" else None
+    prefix = Prefix(pk, pv, logits) if logits is not None else (pk, pv)
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, prefix, gate=gate, attn_bias=bias, backend="flex")
+    expected = ref.prefix_attention(
+        q,
+        k,
+        v,
+        pk_h,
+        pv_h,
+        scale=D**-0.5,
+        gate=ref_gate,
+        bias=None if bias is None else bias.expand(B, H, N, N),
+        logits=None if logits is None else logits.expand(B, H, 1, L),
+    )
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_flex_clear_errors_on_cpu():
+    _, q, k, v = _qkv()
+    pk = torch.randn(L, H * D)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        prefix_attention(q, k, v, (pk, pk), backend="flex")  # q requires grad
+    with pytest.raises(ValueError, match="no backward on CPU"):  # the gate's alpha and tau do
+        prefix_attention(q.detach(), k.detach(), v.detach(), (pk, pk), gate=NoRGaGate("tanh"), backend="flex")
+    with pytest.raises(ValueError, match="dropout"):
+        prefix_attention(q, k, v, (pk, pk), backend="flex", dropout_p=0.1)
+    with torch.no_grad(), pytest.raises(ValueError, match="at least one query"):
+        prefix_attention(q[:, :, :0], k, v, (pk, pk), backend="flex")
+    assert "flex" in available_backends("cpu") and "flex" not in available_backends("meta")

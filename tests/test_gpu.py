@@ -24,17 +24,22 @@ def _inputs(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "flex", "auto"])
 def test_cuda_backend_matches_float64_reference(backend, dtype):
     assert backend == "auto" or backend in available_backends("cuda")
     q64, k64, v64, pk64, pv64 = _inputs(dtype)
     gate = NoRGaGate("tanh", alpha=0.8, tau=1.2).cuda()
     leaves = [t.to("cuda", dtype).requires_grad_(True) for t in (q64, k64, v64, pk64, pv64)]
     q, k, v, pk, pv = leaves
+    leaves += [gate.alpha, gate.tau]
     out = prefix_attention(q, k, v, (pk, pv), gate=gate, backend=backend)
     assert out.dtype == dtype and out.device.type == "cuda"
 
     r = [t.clone().requires_grad_(True) for t in (q64, k64, v64, pk64, pv64)]
+    r += [
+        gate.alpha.detach().double().cpu().requires_grad_(True),
+        gate.tau.detach().double().cpu().requires_grad_(True),
+    ]
     want = ref.prefix_attention(
         r[0],
         r[1],
@@ -42,7 +47,7 @@ def test_cuda_backend_matches_float64_reference(backend, dtype):
         ref.heads(r[3], H),
         ref.heads(r[4], H),
         scale=D**-0.5,
-        gate=lambda s: ref.norga_gate(s, "tanh", 0.8, 1.2),
+        gate=lambda s: ref.norga_gate(s, "tanh", r[5], r[6]),
     )
     tol = TOL[dtype]
     torch.testing.assert_close(out.double().cpu(), want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))

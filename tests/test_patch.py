@@ -283,3 +283,22 @@ def test_torch_compile_fullgraph_dynamic_batch(grad):
             (g,) = torch.autograd.grad(got.sum(), model.prompt_pool.prompts)
             (e,) = torch.autograd.grad(eager.sum(), model.prompt_pool.prompts)
             torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["vit", "beit"])
+def test_flex_backend_in_a_patched_model(key):
+    """backend='flex' (inference on CPU) gives the logits of the readable math backend, with a relative
+    position bias too (beit)."""
+    model, size = _model(key)
+    found = attention_layers(model)
+    eligible = [layer.index for layer in found if not layer.windowed]
+    pool = PrefixPool(3, len(eligible), 4, norga.patch._width(found[0].module))
+    patch_vit(model, gate=NoRGaGate("gelu"), layers="all", prompt=pool, backend="flex")
+    norga.set_task(model, torch.tensor([2, 0]))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        got = model(x)
+        for layer in norga.patched_layers(model):
+            layer.module.backend = "math"
+        want = model(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
