@@ -49,16 +49,18 @@ def _layer_and_reference(backend):
     return layer, x, pk, pv, want
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])  # merge has a no-grad path
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", ["merge", "sdpa", "math", "auto"])
-def test_layer_autocast_close_to_reference(dtype, backend):
+def test_layer_autocast_close_to_reference(dtype, backend, grad):
     if not _cpu_autocast_ok(dtype):
         pytest.skip(f"this torch has no CPU autocast for {dtype}")
     layer, x, pk, pv, want = _layer_and_reference(backend)
-    full = layer(x, prefix=(pk, pv))
-    torch.testing.assert_close(full.double(), want, rtol=0, atol=1e-5)  # fp32 path is exact
-    with torch.autocast("cpu", dtype=dtype):
-        low = layer(x, prefix=(pk, pv))
+    with torch.set_grad_enabled(grad):
+        full = layer(x, prefix=(pk, pv))
+        torch.testing.assert_close(full.double(), want, rtol=0, atol=1e-5)  # fp32 path is exact
+        with torch.autocast("cpu", dtype=dtype):
+            low = layer(x, prefix=(pk, pv))
     assert low.dtype == dtype  # the projection ran in low precision: autocast was active
     assert torch.isfinite(low).all()
     # bf16 has an 8-bit mantissa (rel. error 2**-8 per rounding), fp16 an 11-bit one.
