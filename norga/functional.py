@@ -358,6 +358,7 @@ def _merge_no_grad(
     pk: torch.Tensor,
     pv: torch.Tensor,
     gate: Gate,
+    logits: torch.Tensor | None,
     bias: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
@@ -366,7 +367,8 @@ def _merge_no_grad(
     On CPU a fresh buffer costs page faults comparable to the arithmetic of this epilogue, so:
 
     - the prefix scores come out of one GEMM against ``[scale * pk; 0]``, already ``L + 1`` columns
-      wide; the gate runs on them and the last column is overwritten with ``lse_tok`` (no concatenation);
+      wide; the gate runs on them and the last column is overwritten with ``lse_tok`` (no concatenation;
+      given ``logits`` are gated at their own, row-constant size and broadcast into such a buffer);
     - the output is the fused kernel's token output, updated in place (``o_tok *= w_tok``, then
       ``o_tok += p @ pv`` per sample), so it keeps the kernel's ``(B, N, H, D)`` memory layout and a later
       ``transpose(1, 2).reshape(B, N, C)`` is free, as after SDPA.
@@ -377,13 +379,17 @@ def _merge_no_grad(
     )
     length = pk.shape[-2]
     with torch.autocast(device_type=q.device.type, enabled=False):
-        pk32 = pk.float() * scale
-        pk_pad = torch.cat([pk32, pk32.new_zeros(pk32.shape[:-2] + (1, pk32.shape[-1]))], dim=-2)
-        cols = torch.matmul(q.float(), pk_pad.transpose(-2, -1))  # (B, H, N, L + 1), last column 0
-        if isinstance(gate, NoRGaGate):  # elementwise by construction: gate all columns, no copy
-            cols = gate(cols)
-        elif gate is not None:  # any other gate sees exactly the (B, H, N, L) prefix scores
-            cols[..., :length] = _apply_gate(gate, cols[..., :length])
+        if logits is not None:
+            cols = q.new_empty(q.shape[:3] + (length + 1,), dtype=torch.float32)
+            cols[..., :length] = prefix_scores(q, pk, scale, gate, logits)
+        else:
+            pk32 = pk.float() * scale
+            pk_pad = torch.cat([pk32, pk32.new_zeros(pk32.shape[:-2] + (1, pk32.shape[-1]))], dim=-2)
+            cols = torch.matmul(q.float(), pk_pad.transpose(-2, -1))  # (B, H, N, L + 1), last column 0
+            if isinstance(gate, NoRGaGate):  # elementwise by construction: gate all columns, no copy
+                cols = gate(cols)
+            elif gate is not None:  # any other gate sees exactly the (B, H, N, L) prefix scores
+                cols[..., :length] = _apply_gate(gate, cols[..., :length])
         cols[..., length] = lse_tok
         weights = torch.softmax(cols, dim=-1)
         out = o_tok if o_tok.dtype == torch.float32 else o_tok.float()  # a float32 kernel output is ours
@@ -595,8 +601,8 @@ def prefix_attention(
         if n == 0:  # the compiled CPU kernel divides by zero (it kills the process)
             raise ValueError(f"backend 'flex' needs at least one query, got N={n}; use 'sdpa' or 'math'")
         return _flex(q, k, v, pk, pv, gate, p.logits, attn_bias, scale)
-    if name == "merge" and p.logits is None and not torch.is_grad_enabled():
-        return _merge_no_grad(q, k, v, pk, pv, gate, attn_bias, scale)
+    if name == "merge" and not torch.is_grad_enabled():
+        return _merge_no_grad(q, k, v, pk, pv, gate, p.logits, attn_bias, scale)
     g = prefix_scores(q, pk, scale, gate, p.logits)
     if name == "math":
         return _math(q, k, v, g, pv, attn_bias, scale, dropout_p)

@@ -228,6 +228,20 @@ def test_merge_without_autograd_matches_reference(gate_name, shape, with_bias):
     torch.testing.assert_close(out, with_graph, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("gate_name", ["none", "sigmoid"])
+def test_merge_without_autograd_row_constant_logits(gate_name):
+    """SMoPE's logits on the in-place path: gated at their own size, broadcast over the queries."""
+    _, q, k, v = _qkv()
+    q, k, v = q.detach(), k.detach(), v.detach()
+    pk, pv, logits = torch.randn(B, H, L, D), torch.randn(B, H, L, D), torch.randn(B, H, 1, L)
+    gate = None if gate_name == "none" else NoRGaGate(gate_name, alpha=0.8, tau=1.7)
+    ref_gate = None if gate is None else (lambda s: ref.norga_gate(s, gate_name, gate.alpha.item(), gate.tau.item()))
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, Prefix(pk, pv, logits), gate=gate, backend="merge")
+    expected = ref.prefix_attention(q, k, v, pk, pv, scale=D**-0.5, gate=ref_gate, logits=logits)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_merge_without_autograd_low_precision(dtype):
     _, q, k, v = _qkv()
