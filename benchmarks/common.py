@@ -10,8 +10,8 @@ Contenders for one attention layer (``CONTENDERS``), all with the same signature
 ``naive``
     The authors' algorithm: explicit ``q @ [pk; k]^T``, the gate on the ``L`` prefix columns, softmax over
     ``L + N`` columns, ``@ [pv; v]``.
-``math``, ``merge``, ``sdpa``, ``auto``
-    :func:`norga.functional.prefix_attention` with that backend.
+``math``, ``merge``, ``sdpa``, ``flex``, ``auto``
+    :func:`norga.functional.prefix_attention` with that backend (``flex`` only forward on CPU).
 ``floor``
     ``F.scaled_dot_product_attention`` over the concatenated ``[pk; k]`` keys with no gate: the cost of a
     prefix without NoRGa, the physical floor for a gated prefix.
