@@ -62,6 +62,8 @@ def test_bench_attention_cli_runs(tmp_path):
     assert all(r["median_ms"] > 0 for r in rows)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.filterwarnings("error:flex_attention called without torch.compile")
 def test_flex_contender_agrees_forward():
     """``flex`` (forward only on CPU) computes what ``naive`` computes."""
     fns = contenders("cpu")

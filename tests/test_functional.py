@@ -279,6 +279,8 @@ FLEX_CASES = {  # one compile each (a few seconds on CPU): every activation, bia
 }
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.filterwarnings("error:flex_attention called without torch.compile")
 @pytest.mark.parametrize("case", list(FLEX_CASES))
 def test_flex_forward_matches_reference(case):
     """FlexAttention with the gate as a score_mod (compiled C++ kernel on CPU, forward only there)."""

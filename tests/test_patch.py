@@ -285,6 +285,8 @@ def test_torch_compile_fullgraph_dynamic_batch(grad):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.filterwarnings("error:flex_attention called without torch.compile")
 @pytest.mark.parametrize("key", ["vit", "beit"])
 def test_flex_backend_in_a_patched_model(key):
     """backend='flex' (inference on CPU) gives the logits of the readable math backend, with a relative
