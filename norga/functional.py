@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ._validation import check_attention_inputs, check_prefix_dims, shape_str
-from .gates import NoRGaGate
+from .gates import ACTIVATIONS, NoRGaGate
 
 __all__ = [
     "Prefix",
@@ -386,7 +386,8 @@ def _merge_no_grad(
             pk32 = pk.float() * scale
             pk_pad = torch.cat([pk32, pk32.new_zeros(pk32.shape[:-2] + (1, pk32.shape[-1]))], dim=-2)
             cols = torch.matmul(q.float(), pk_pad.transpose(-2, -1))  # (B, H, N, L + 1), last column 0
-            if isinstance(gate, NoRGaGate):  # elementwise by construction: gate all columns, no copy
+            if isinstance(gate, NoRGaGate) and any(gate.act is a for a in ACTIVATIONS.values()):
+                # a built-in NoRGa gate is elementwise by construction: gate all columns, no copy
                 cols = gate(cols)
             elif gate is not None:  # any other gate sees exactly the (B, H, N, L) prefix scores
                 cols[..., :length] = _apply_gate(gate, cols[..., :length])

@@ -195,7 +195,7 @@ def _softmax_gate(s):
     return torch.softmax(s, dim=-1) * 3.0
 
 
-@pytest.mark.parametrize("gate_name", ["none", "tanh", "sigmoid", "gelu", "custom"])
+@pytest.mark.parametrize("gate_name", ["none", "tanh", "sigmoid", "gelu", "custom", "norga_custom"])
 @pytest.mark.parametrize("shape", ["shared", "per_sample"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_merge_without_autograd_matches_reference(gate_name, shape, with_bias):
@@ -208,6 +208,9 @@ def test_merge_without_autograd_matches_reference(gate_name, shape, with_bias):
     bias = torch.randn(1, H, N, N) if with_bias else None
     if gate_name in ("none", "custom"):
         gate, ref_gate = (None, None) if gate_name == "none" else (_softmax_gate, _softmax_gate)
+    elif gate_name == "norga_custom":  # a NoRGaGate around a non-elementwise activation: also sees L columns
+        gate = NoRGaGate(_softmax_gate, alpha=0.8, tau=1.7)
+        ref_gate = lambda s: s + gate.alpha.item() * _softmax_gate(gate.tau.item() * s)  # noqa: E731
     else:
         gate = NoRGaGate(gate_name, alpha=0.8, tau=1.7)
         ref_gate = lambda s, a=gate_name: ref.norga_gate(s, a, gate.alpha.item(), gate.tau.item())  # noqa: E731
