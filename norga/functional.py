@@ -42,7 +42,7 @@ autocast disabled for those steps), and return the dtype of ``v``.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -362,42 +362,61 @@ def _merge_no_grad(
     bias: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """The ``merge`` backend without autograd: the equations of :class:`_MergeFunction`, fewer buffers.
+    """The ``merge`` backend without autograd: the equations of :class:`_MergeFunction`, one sample at a time.
 
-    On CPU a fresh buffer costs page faults comparable to the arithmetic of this epilogue, so:
+    After the fused token kernel, each sample's epilogue works on one ``(H, L + 1, N)`` float32 buffer that
+    stays in cache: rows ``0..L-1`` hold the prefix scores ``scale * pk . q`` (one GEMM straight from the
+    strided ``q`` that timm's ``qkv`` split gives, no copy of ``q``), gated in place, and row ``L`` holds
+    ``lse_tok``; one softmax over the rows gives the prefix weights and the token weight. The output is
+    the kernel's token output updated in place (``o_tok *= w_tok``, then ``o_tok += p @ pv``), so it keeps
+    the kernel's memory layout (``(B, N, H, D)`` for timm's strided ``q``): a later
+    ``transpose(1, 2).reshape(B, N, C)`` is free, as after SDPA.
 
-    - the prefix scores come out of one GEMM against ``[scale * pk; 0]``, already ``L + 1`` columns
-      wide; the gate runs on them and the last column is overwritten with ``lse_tok`` (no concatenation;
-      given ``logits`` are gated at their own, row-constant size and broadcast into such a buffer);
-    - the output is the fused kernel's token output, updated in place (``o_tok *= w_tok``, then
-      ``o_tok += p @ pv`` per sample), so it keeps the kernel's ``(B, N, H, D)`` memory layout and a later
-      ``transpose(1, 2).reshape(B, N, C)`` is free, as after SDPA.
+    A built-in :class:`~norga.NoRGaGate` is applied with :meth:`~norga.NoRGaGate.shifted_`, whose constant
+    (``-alpha`` for tanh) goes onto the ``lse_tok`` row instead (a softmax row is shift-invariant). Given
+    ``logits`` and any other gate are evaluated on the whole ``(B, H, N, L)`` block first, exactly as on
+    the autograd path, so a gate always sees the ``L`` prefix columns.
     """
     bias = _bias4d(bias, q.dtype)
     o_tok, lse_tok = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=bias, scale=scale
     )
+    b, h, n, _ = q.shape
     length = pk.shape[-2]
     with torch.autocast(device_type=q.device.type, enabled=False):
-        if logits is not None:
-            cols = q.new_empty(q.shape[:3] + (length + 1,), dtype=torch.float32)
-            cols[..., :length] = prefix_scores(q, pk, scale, gate, logits)
-        else:
-            pk32 = pk.float() * scale
-            pk_pad = torch.cat([pk32, pk32.new_zeros(pk32.shape[:-2] + (1, pk32.shape[-1]))], dim=-2)
-            cols = torch.matmul(q.float(), pk_pad.transpose(-2, -1))  # (B, H, N, L + 1), last column 0
-            if isinstance(gate, NoRGaGate) and any(gate.act is a for a in ACTIVATIONS.values()):
-                # a built-in NoRGa gate is elementwise by construction: gate all columns, no copy
-                cols = gate(cols)
-            elif gate is not None:  # any other gate sees exactly the (B, H, N, L) prefix scores
-                cols[..., :length] = _apply_gate(gate, cols[..., :length])
-        cols[..., length] = lse_tok
-        weights = torch.softmax(cols, dim=-1)
         out = o_tok if o_tok.dtype == torch.float32 else o_tok.float()  # a float32 kernel output is ours
-        out.mul_(weights[..., length:])
-        p_pre, pv32 = weights[..., :length], pv.float().expand(q.shape[0], q.shape[1], -1, -1)
-        for i in range(out.shape[0]):  # a batched GEMM per sample, written into out's strided rows
-            out[i].baddbmm_(p_pre[i], pv32[i])
+        in_place = logits is None and (
+            gate is None or (isinstance(gate, NoRGaGate) and gate.act is ACTIVATIONS.get(gate.activation_name))
+        )
+        lse_rows = lse_tok.float()
+        g = None
+        if in_place:
+            # [scale * pk; 0]: the GEMM fills all L + 1 rows of the contiguous buffer (a GEMM into a strided
+            # slice of it runs per head); the scale goes on the small (L, D) key
+            pk_pad = q.new_zeros((h, length + 1, pk.shape[-1]), dtype=torch.float32)
+            if isinstance(gate, NoRGaGate) and gate.activation_name == "tanh":
+                lse_rows = lse_rows + gate.alpha.float()  # the gate's -alpha, moved to the other column
+        else:
+            g = prefix_scores(q, pk, scale, gate, logits)  # (B, H, N, L), float32
+        pv32 = pv.float()
+        rows = q.new_empty((h, length + 1, n), dtype=torch.float32)  # one sample's [prefix scores; lse_tok]
+        for i in range(b):
+            j = i if pk.shape[0] > 1 else 0
+            pre = rows[:, :length]
+            if g is None:
+                if i == 0 or pk.shape[0] > 1:
+                    torch.mul(pk[j].float(), scale, out=pk_pad[:, :length])
+                torch.matmul(pk_pad, q[i].float().transpose(-2, -1), out=rows)
+                if gate is not None:
+                    cast(NoRGaGate, gate).shifted_(pre)
+            else:
+                pre.copy_(g[i].transpose(-2, -1))
+            rows[:, length] = lse_rows[i]
+            weights = torch.softmax(rows, dim=-2)
+            # p @ pv into a contiguous temporary (a batched GEMM into out's strided rows would run per head),
+            # then one pass: out_i = p @ pv + w_tok * out_i
+            p_pv = torch.matmul(weights[:, :length].transpose(-2, -1), pv32[j])
+            torch.addcmul(p_pv, out[i], weights[:, length].unsqueeze(-1), out=out[i])
     return out.to(v.dtype)
 
 
@@ -602,7 +621,9 @@ def prefix_attention(
         if n == 0:  # the compiled CPU kernel divides by zero (it kills the process)
             raise ValueError(f"backend 'flex' needs at least one query, got N={n}; use 'sdpa' or 'math'")
         return _flex(q, k, v, pk, pv, gate, p.logits, attn_bias, scale)
-    if name == "merge" and not torch.is_grad_enabled():
+    if name == "merge" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # eager inference: the in-place, per-sample epilogue; under torch.compile the batched form below,
+        # which inductor fuses (Dynamo cannot trace the in-place writes into strided outputs)
         return _merge_no_grad(q, k, v, pk, pv, gate, p.logits, attn_bias, scale)
     g = prefix_scores(q, pk, scale, gate, p.logits)
     if name == "math":

@@ -130,18 +130,45 @@ class NoRGaGate(nn.Module):
         return scores + alpha * a
 
     def _forward_no_grad(self, scores: torch.Tensor, alpha: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """The built-in activations without autograd: one temporary, updated in place.
+        """The built-in activations without autograd: one temporary, updated in place (see :meth:`_residual`)."""
+        act, coef, shift = self._residual(scores, alpha, tau)
+        out = torch.addcmul(scores, act, coef, out=act)  # scores + coef * act, into the temporary
+        return out if shift is None else out.sub_(shift)
 
-        ``tanh`` is evaluated as ``2 * sigmoid(2x) - 1`` (the same function; the difference is a few float
-        ulps of 1, i.e. about 1e-7 absolute in float32): on CPU, PyTorch's sigmoid kernel is about six
-        times faster than its tanh (``docs/benchmarks.md``).
+    def _residual(
+        self, scores: torch.Tensor, alpha: torch.Tensor, tau: torch.Tensor
+    ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]":
+        """``(a, coef, shift)`` with ``g(scores) = scores + coef * a - shift`` (``shift`` None means 0).
+
+        ``a`` is a new tensor. Built-in activations only, no autograd. ``tanh`` is evaluated as
+        ``2 * sigmoid(2x) - 1``, i.e. ``alpha * tanh(tau * s) = 2 * alpha * sigmoid(2 * tau * s) - alpha``
+        (the same function; the difference is a few float ulps of 1, about 1e-7 absolute in float32): on
+        some CPUs (AMD EPYC here) PyTorch's tanh kernel is several times slower than its sigmoid, and the
+        constant ``-alpha`` can be folded into a softmax row by a caller that owns the whole row
+        (:func:`norga.functional.prefix_attention`'s ``merge`` backend).
         """
         if self.activation_name == "tanh":
-            # alpha * tanh(tau * s) = 2 * alpha * sigmoid(2 * tau * s) - alpha
-            a = torch.mul(scores, 2 * tau).sigmoid_().mul_(2 * alpha).sub_(alpha)
-        else:
-            a = self.act(tau * scores).mul_(alpha)
-        return a.add_(scores)
+            return torch.mul(scores, 2 * tau).sigmoid_(), 2 * alpha, alpha
+        if self.activation_name == "sigmoid":
+            return torch.mul(scores, tau).sigmoid_(), alpha, None
+        return self.act(tau * scores), alpha, None
+
+    def shifted_(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """In place and without autograd: ``scores <- g(scores) + shift``; returns ``shift`` (None = 0).
+
+        For callers that put the gated scores into a softmax row that also holds other columns: adding
+        ``shift`` to those columns instead saves one pass over ``scores``. Built-in activations only.
+
+        Raises:
+            ValueError: the gate has a custom activation, or autograd would need the result.
+        """
+        if self.act is not ACTIVATIONS.get(self.activation_name):
+            raise ValueError(f"NoRGaGate.shifted_ needs a built-in activation, got {self.activation_name!r}")
+        if torch.is_grad_enabled() and (scores.requires_grad or self.alpha.requires_grad or self.tau.requires_grad):
+            raise ValueError("NoRGaGate.shifted_ works in place without autograd; call it under torch.no_grad()")
+        act, coef, shift = self._residual(scores, self.alpha.to(scores.dtype), self.tau.to(scores.dtype))
+        scores.addcmul_(act, coef)
+        return shift
 
     def freeze(self) -> "NoRGaGate":
         """Stop training ``alpha`` and ``tau`` (the authors freeze them after the first task)."""

@@ -92,3 +92,29 @@ def test_gate_without_autograd_custom_activation_output_untouched():
         out = gate(torch.ones(2, 5))
     torch.testing.assert_close(out, torch.full((2, 5), 1.5))
     assert torch.equal(kept, torch.full((2, 5), 0.25))
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "gelu"])
+def test_gate_shifted_in_place_matches_equation_plus_shift(act):
+    """shifted_ overwrites a (strided) view with g(s) + shift; the shift is alpha for tanh, none otherwise."""
+    base = torch.randn(3, 8, 11, dtype=torch.float64) * 4
+    s = base[:, :6]  # a strided view, as the merge backend passes it
+    kept, outside = s.clone(), base[:, 6:].clone()
+    gate = NoRGaGate(act, alpha=-0.7, tau=1.4).double()
+    with torch.no_grad():
+        shift = gate.shifted_(s)
+    want = norga_gate(kept, act, gate.alpha.item(), gate.tau.item())
+    got = s if shift is None else s - shift
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (shift is not None) == (act == "tanh")
+    if shift is not None:
+        assert shift.item() == pytest.approx(-0.7)
+    assert torch.equal(base[:, 6:], outside)
+
+
+def test_gate_shifted_refuses_custom_activation_and_autograd():
+    with pytest.raises(ValueError, match=r"needs a built-in activation, got 'relu'"):
+        with torch.no_grad():
+            NoRGaGate(torch.relu).shifted_(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"without autograd; call it under torch.no_grad\(\)"):
+        NoRGaGate("tanh").shifted_(torch.zeros(3))
