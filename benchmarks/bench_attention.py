@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (
+    LAYOUTS,
     contenders,
     format_table,
     interleaved,
@@ -47,22 +48,32 @@ DEFAULT_L = [5, 20, 40]
 
 
 def runner(name: str, fn, inputs, gate, mode: str):
-    """A no-argument callable running ``fn`` once in ``mode`` (``fwd`` or ``fwdbwd``)."""
+    """A no-argument callable running ``fn`` once in ``mode`` (``fwd`` or ``fwdbwd``).
+
+    Both modes end as timm's attention does, with ``out.transpose(1, 2).reshape(B, N, C)`` (free after a
+    fused kernel, whose output is laid out ``(B, N, H, D)``), so the backward pass gets its gradient in the
+    layout it has inside a model.
+    """
     q, k, v, pk, pv = inputs
+    b, h, n, d = q.shape
+
+    def merged(out: torch.Tensor) -> torch.Tensor:
+        return out.transpose(1, 2).reshape(b, n, h * d)
+
     if mode == "fwd":
 
         def run():
             with torch.no_grad():
-                return fn(q, k, v, pk, pv, gate)
+                return merged(fn(q, k, v, pk, pv, gate))
 
         return run
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q)
-    leaves = [q, k, v, pk, pv]
+    grad = torch.randn(b, n, h * d, generator=torch.Generator().manual_seed(1)).to(q)
+    leaves = [t if t._base is None else t._base for t in (q, k, v, pk, pv)]  # the "qkv" layout's views share a leaf
 
     def run():
         for t in leaves:
             t.grad = None
-        out = fn(q, k, v, pk, pv, gate)
+        out = merged(fn(q, k, v, pk, pv, gate))
         out.backward(grad)
         return out
 
@@ -74,7 +85,12 @@ def memory_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     fns = contenders(args.device, args.mode[0])
     inputs = make_inputs(
-        args.B[0], args.N[0], args.L[0], requires_grad=args.mode[0] == "fwdbwd", dtype=DTYPES[args.dtype]
+        args.B[0],
+        args.N[0],
+        args.L[0],
+        requires_grad=args.mode[0] == "fwdbwd",
+        dtype=DTYPES[args.dtype],
+        layout=args.layout,
     )
     gate = make_gate()
     run = runner(args.memory_child, fns[args.memory_child], inputs, gate, args.mode[0])
@@ -122,7 +138,7 @@ def bench_shape(b: int, n: int, length: int, mode: str, args: argparse.Namespace
     fns = contenders(device, mode)
     if args.contenders:
         fns = {k: v for k, v in fns.items() if k in args.contenders}
-    inputs = make_inputs(b, n, length, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
+    inputs = make_inputs(b, n, length, device=device, dtype=dtype, requires_grad=mode == "fwdbwd", layout=args.layout)
     gate = make_gate(device)
     runs = {name: runner(name, fn, inputs, gate, mode) for name, fn in fns.items()}
     times = interleaved(runs, repeats=args.repeats, warmup=args.warmup, device=device, clock=args.clock)
@@ -149,6 +165,8 @@ def bench_shape(b: int, n: int, length: int, mode: str, args: argparse.Namespace
                     args.dtype,
                     "--device",
                     "cpu",
+                    "--layout",
+                    args.layout,
                 ]
                 if args.threads:
                     child += ["--threads", str(args.threads)]
@@ -172,6 +190,7 @@ def bench_shape(b: int, n: int, length: int, mode: str, args: argparse.Namespace
                 "repeats": args.repeats,
                 "clock": args.clock,
                 "threads": torch.get_num_threads(),
+                "layout": args.layout,
             }
         )
     return rows
@@ -209,6 +228,13 @@ def main(argv: List[str] | None = None) -> List[Dict[str, object]]:
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds per shape (default 3)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument(
+        "--layout",
+        default="qkv",
+        choices=list(LAYOUTS),
+        help="qkv: q, k, v as strided views of one (B, N, 3, H, D) tensor, as timm's attention splits its qkv "
+        "projection (default); contiguous: three contiguous (B, H, N, D) tensors",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument(
         "--clock",

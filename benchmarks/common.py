@@ -102,20 +102,35 @@ def make_inputs(
     dtype: torch.dtype = torch.float32,
     requires_grad: bool = False,
     seed: int = 0,
+    layout: str = "qkv",
 ):
-    """Random ``q, k, v`` ``(B, H, N, D)`` and a per-sample prefix ``pk, pv`` ``(B, H, L, D)``, U(-1, 1) like a pool."""
+    """Random ``q, k, v`` ``(B, H, N, D)`` and a per-sample prefix ``pk, pv`` ``(B, H, L, D)``, U(-1, 1) like a pool.
+
+    ``layout="qkv"``: ``q, k, v`` are strided views of one ``(B, N, 3, H, D)`` tensor, as timm's attention
+    splits its fused ``qkv`` projection (what a patched layer really receives); with ``requires_grad`` the
+    gradients flow to that one leaf. ``layout="contiguous"``: three contiguous ``(B, H, N, D)`` leaves.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     gen = torch.Generator().manual_seed(seed)
 
     def t(*shape, low=None):
         x = torch.randn(*shape, generator=gen) if low is None else torch.rand(*shape, generator=gen) * 2 - 1
         return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
-    q = t(batch, heads, tokens, head_dim)
-    k = t(batch, heads, tokens, head_dim)
-    v = t(batch, heads, tokens, head_dim)
+    if layout == "qkv":
+        q, k, v = t(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = t(batch, heads, tokens, head_dim)
+        k = t(batch, heads, tokens, head_dim)
+        v = t(batch, heads, tokens, head_dim)
     pk = t(batch, heads, length, head_dim, low=-1)
     pv = t(batch, heads, length, head_dim, low=-1)
     return q, k, v, pk, pv
+
+
+#: Input layouts of :func:`make_inputs`.
+LAYOUTS = ("qkv", "contiguous")
 
 
 def make_gate(device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -275,6 +275,35 @@ def _cpu_flash_available() -> bool:
     )
 
 
+def _token_attention_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> "tuple[torch.Tensor, torch.Tensor]":
+    """PyTorch's fused CPU flash kernel over the tokens: ``(o_tok, lse_tok)``.
+
+    The kernel reports a query row whose token keys are all masked (``bias`` is ``-inf`` on the whole row)
+    with ``lse_tok = 0`` and a zero output. Such a row's ``lse_tok`` is set to ``-inf`` here, so that the
+    merge gives it the softmax over the prefix columns alone, as the full softmax does.
+    """
+    o_tok, lse_tok = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=bias, scale=scale
+    )
+    if bias is not None:
+        lse_tok = lse_tok.masked_fill(torch.isneginf(bias).all(dim=-1), float("-inf"))
+    return o_tok, lse_tok
+
+
+def _merged_lse(lse_tok: torch.Tensor, w_tok: torch.Tensor) -> torch.Tensor:
+    """``logsumexp([g, lse_tok])`` from the token weight ``w_tok = exp(lse_tok - lse)`` of the merged softmax.
+
+    ``lse = lse_tok - log(w_tok)``: a pass over ``(B, H, N)`` instead of a log-sum-exp over ``L + 1``
+    columns. Where ``w_tok`` underflows to 0 (the prefix outweighs every token by ~100 nats, or every token
+    is masked) ``lse`` is ``+inf``: the token columns' weights ``exp(t - lse)`` are then 0, as they are to
+    float32 precision.
+    """
+    lse_tok = lse_tok.float()
+    return torch.where(w_tok > 0, lse_tok - torch.log(w_tok), torch.full_like(lse_tok, float("inf")))
+
+
 class _MergeFunction(torch.autograd.Function):
     """Fused token attention (with log-sum-exp) merged exactly with an explicit gated prefix block.
 
@@ -300,18 +329,17 @@ class _MergeFunction(torch.autograd.Function):
         scale: float,
         need_lse: bool,
     ) -> torch.Tensor:
-        o_tok, lse_tok = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale
-        )
+        o_tok, lse_tok = _token_attention_cpu(q, k, v, bias, scale)
         length = g.shape[-1]
         with torch.autocast(device_type=q.device.type, enabled=False):
             cols = torch.cat([g, lse_tok.float().unsqueeze(-1)], dim=-1)  # (B, H, N, L + 1) float32
             weights = torch.softmax(cols, dim=-1)
-            # one GEMM and one fused multiply-add: fewer passes measured faster than a contiguous
-            # [pv; 0] operand or an in-place update of o_tok (docs/benchmarks.md)
-            out = torch.matmul(weights[..., :length], pv.float()).addcmul_(o_tok, weights[..., length:])
+            # out = w_tok * o_tok + p @ pv, in the fused kernel's memory layout ((B, N, H, D) for timm's
+            # strided q): the module's transpose(1, 2).reshape(B, N, C) is then free, and the gradient
+            # arrives in that layout too
+            out = o_tok.float().mul(weights[..., length:]).add_(torch.matmul(weights[..., :length], pv.float()))
             out = out.to(v.dtype)
-            lse = torch.logsumexp(cols, dim=-1) if need_lse else cols.new_empty(0)
+            lse = _merged_lse(lse_tok, weights[..., length]) if need_lse else cols.new_empty(0)
         ctx.save_for_backward(q, k, v, bias, weights, pv, out, lse)
         ctx.scale = scale
         return out
@@ -322,7 +350,6 @@ class _MergeFunction(torch.autograd.Function):
         length = pv.shape[-2]
         p_pre = weights[..., :length]  # the prefix block of the full softmax (the last column is the tokens')
         scale = ctx.scale
-        grad_out = grad_out.contiguous()
         # The fused backward recomputes P = exp(s - lse) and D = rowsum(dO * out). With the merged lse and
         # the merged output these are the token columns of the *full* softmax, so dq, dk, dv are exact.
         # The kernel keeps float64 inputs' log-sum-exp in float64 (float32 otherwise).
@@ -335,6 +362,8 @@ class _MergeFunction(torch.autograd.Function):
             do32 = grad_out.float()
             need_delta = ctx.needs_input_grad[4] or (bias is not None and ctx.needs_input_grad[3])
             delta = (do32 * out.float()).sum(dim=-1, keepdim=True) if need_delta else None
+            if ctx.needs_input_grad[4] and ctx.needs_input_grad[5]:
+                do32 = do32.contiguous()  # one copy for both GEMMs (each would copy a strided operand)
             if ctx.needs_input_grad[4]:
                 assert delta is not None
                 dg = torch.matmul(do32, pv.float().transpose(-2, -1)).sub_(delta).mul_(p_pre)
@@ -378,9 +407,7 @@ def _merge_no_grad(
     the autograd path, so a gate always sees the ``L`` prefix columns.
     """
     bias = _bias4d(bias, q.dtype)
-    o_tok, lse_tok = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=bias, scale=scale
-    )
+    o_tok, lse_tok = _token_attention_cpu(q, k, v, bias, scale)
     b, h, n, _ = q.shape
     length = pk.shape[-2]
     with torch.autocast(device_type=q.device.type, enabled=False):

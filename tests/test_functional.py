@@ -3,7 +3,7 @@ import reference as ref
 import torch
 
 from norga import NoRGaGate, Prefix, prefix_attention
-from norga.functional import available_backends, normalize_prefix, select_backend
+from norga.functional import attention_bias, available_backends, normalize_prefix, select_backend
 
 BACKENDS = ["math", "merge", "sdpa"]
 B, H, N, D, L = 3, 4, 11, 8, 5
@@ -336,3 +336,33 @@ def test_flex_clear_errors_on_cpu():
     with torch.no_grad(), pytest.raises(ValueError, match="at least one query"):
         prefix_attention(q[:, :, :0], k, v, (pk, pk), backend="flex")
     assert "flex" in available_backends("cpu") and "flex" not in available_backends("meta")
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_token_rows_attend_to_the_prefix_alone(backend, grad):
+    """A query row whose token keys are all masked still has its prefix columns: the full softmax is then
+    the softmax over the prefix alone. (PyTorch's CPU flash kernel reports such rows with lse 0 and a zero
+    output; merge must not take that for a token part of weight exp(0).)"""
+    _, q, k, v = _qkv()
+    q, k, v = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
+    pk, pv = (torch.randn(B, H, L, D, requires_grad=grad) for _ in range(2))
+    allowed = torch.rand(B, 1, N, N) > 0.3
+    allowed[:, :, [0, 4]] = False  # rows 0 and 4: every token key masked
+    gate = NoRGaGate("tanh", alpha=0.8, tau=1.7)
+    with torch.set_grad_enabled(grad):
+        out = prefix_attention(
+            q, k, v, (pk, pv), gate=gate, attn_bias=attention_bias(allowed, N, False, q), backend=backend
+        )
+    bias64 = torch.zeros(B, H, N, N, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    r = [t.detach().double().requires_grad_(grad) for t in (q, k, v, pk, pv)]
+    a, t_ = gate.alpha.item(), gate.tau.item()
+    want = ref.prefix_attention(*r, scale=D**-0.5, gate=lambda s: ref.norga_gate(s, "tanh", a, t_), bias=bias64)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    if grad:
+        w = torch.randn(want.shape, dtype=torch.float64)
+        got = torch.autograd.grad((out.double() * w).sum(), (q, k, v, pk, pv))
+        exp = torch.autograd.grad((want * w).sum(), r)
+        for g_, e in zip(got, exp):
+            torch.testing.assert_close(g_.double(), e, rtol=0, atol=1e-5)
