@@ -3,6 +3,7 @@ algorithm and each norga backend) must agree with the others, forward and backwa
 with them for the linear gate and ``timm`` for an empty prefix. A regression in a backend that the
 benchmarks would otherwise time silently shows up here."""
 
+import json
 import os
 import sys
 
@@ -12,32 +13,36 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_attention import main as bench_main
-from benchmarks.common import GATED, contenders, make_gate, make_inputs
+from benchmarks.common import GATED, LAYOUTS, contenders, make_gate, make_inputs
 
 SHAPES = [(2, 7, 3), (1, 17, 5)]
 
 
-def _grads(fn, gate, b, n, length):
-    q, k, v, pk, pv = make_inputs(b, n, length, heads=3, head_dim=8, requires_grad=True, seed=3)
+def _grads(fn, gate, b, n, length, layout):
+    q, k, v, pk, pv = make_inputs(b, n, length, heads=3, head_dim=8, requires_grad=True, seed=3, layout=layout)
+    with torch.no_grad():  # the inference paths (merge has its own)
+        out_ng = fn(q, k, v, pk, pv, gate)
     out = fn(q, k, v, pk, pv, gate)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
     leaves = [q, k, v, pk, pv] + ([] if gate is None else list(gate.parameters()))
-    return out, torch.autograd.grad((out * w).sum(), leaves)
+    return out_ng, out, torch.autograd.grad((out * w).sum(), leaves)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("b, n, length", SHAPES)
 @pytest.mark.parametrize("gated", [True, False])
-def test_contenders_agree(b, n, length, gated):
+def test_contenders_agree(b, n, length, gated, layout):
     fns = contenders("cpu")
     assert set(GATED) <= set(fns)
     names = list(GATED) + ([] if gated else ["floor"])
     results = {}
     for name in names:
         gate = make_gate() if gated else None
-        results[name] = _grads(fns[name], gate, b, n, length)
-    out0, grads0 = results["naive"]
+        results[name] = _grads(fns[name], gate, b, n, length, layout)
+    _, out0, grads0 = results["naive"]
     for name in names[1:]:
-        out, grads = results[name]
+        out_ng, out, grads = results[name]
+        torch.testing.assert_close(out_ng, out0, rtol=0, atol=2e-6, msg=f"{name} vs naive (forward, no grad)")
         torch.testing.assert_close(out, out0, rtol=0, atol=2e-6, msg=f"{name} vs naive (forward)")
         for g, g0 in zip(grads, grads0):
             torch.testing.assert_close(
@@ -73,3 +78,33 @@ def test_flex_contender_agrees_forward():
         got, want = fns["flex"](q, k, v, pk, pv, gate), fns["naive"](q, k, v, pk, pv, gate)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
     assert "flex" not in contenders("cpu", "fwdbwd")
+
+
+def test_bench_attention_drops_quadratic_contenders_above_the_limit():
+    """Above --max-naive-gib only the contenders that build the N x (N + L) scores or mask are left out."""
+    rows = bench_main(["--B", "1", "--N", "9", "--L", "3", "--repeats", "1", "--warmup", "0", "--max-naive-gib", "0"])
+    got = {(r["mode"], r["contender"]) for r in rows}
+    want = {(m, c) for m in ("fwd", "fwdbwd") for c in contenders("cpu", m) if c not in ("naive", "math", "sdpa")}
+    assert got == want and ("fwd", "merge") in got
+    assert all(r["vs_naive"] is None and r["vs_floor"] is not None for r in rows)
+
+
+def test_plot_memory_slopes_and_png(tmp_path, capsys):
+    """The memory plot fits log-log slopes: 2 for memory that grows as N^2, 1 for N."""
+    from benchmarks.plot_memory import main as plot_main
+    from benchmarks.plot_memory import slope
+
+    rows = [
+        {"B": 1, "L": 20, "mode": "fwd", "contender": name, "N": n, "peak_mib": m}
+        for n in (100, 200, 400)
+        for name, m in (("naive", 3.0 * (n / 100) ** 2), ("merge", 5.0 * n / 100))
+    ]
+    path = tmp_path / "mem.json"
+    path.write_text(json.dumps({"machine": {"cpu_model": "test"}, "results": rows}))
+    png = tmp_path / "mem.png"
+    plot_main([str(path), "--out", str(png)])
+    assert png.stat().st_size > 0
+    assert slope([(100, 3.0), (400, 48.0)]) == pytest.approx(2.0)
+    printed = capsys.readouterr().out
+    assert "|     naive | 3.0 12.0 48.0 |          2.00 |" in printed
+    assert "|     merge | 5.0 10.0 20.0 |          1.00 |" in printed
