@@ -380,6 +380,11 @@ class _MergeFunction(torch.autograd.Function):
         return dq, dk, dv, dbias, dg, dpv, None, None
 
 
+#: Float32 elements of the no-grad merge epilogue's working buffer (1 MiB): samples are processed in chunks
+#: of this size, so that the buffer stays in cache.
+_EPILOGUE_ELEMENTS = 2**18
+
+
 def _merge_no_grad(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -426,24 +431,28 @@ def _merge_no_grad(
         else:
             g = prefix_scores(q, pk, scale, gate, logits)  # (B, H, N, L), float32
         pv32 = pv.float()
-        rows = q.new_empty((h, length + 1, n), dtype=torch.float32)  # one sample's [prefix scores; lse_tok]
-        for i in range(b):
-            j = i if pk.shape[0] > 1 else 0
-            pre = rows[:, :length]
+        # samples per chunk: the chunk's [prefix scores; lse_tok] rows stay within ~1 MiB (in cache), and
+        # each elementwise op covers several samples (fewer thread synchronisations than one per sample)
+        chunk = max(1, min(b, _EPILOGUE_ELEMENTS // (h * (length + 1) * n)))
+        buf = q.new_empty((chunk, h, length + 1, n), dtype=torch.float32)
+        for c0 in range(0, b, chunk):
+            c1 = min(b, c0 + chunk)
+            rows = buf[: c1 - c0]
             if g is None:
-                if i == 0 or pk.shape[0] > 1:
-                    torch.mul(pk[j].float(), scale, out=pk_pad[:, :length])
-                torch.matmul(pk_pad, q[i].float().transpose(-2, -1), out=rows)
+                for i in range(c0, c1):  # per sample: a GEMM straight from the strided q, no copy of q
+                    if i == 0 or pk.shape[0] > 1:
+                        torch.mul(pk[i if pk.shape[0] > 1 else 0].float(), scale, out=pk_pad[:, :length])
+                    torch.matmul(pk_pad, q[i].float().transpose(-2, -1), out=rows[i - c0])
                 if gate is not None:
-                    cast(NoRGaGate, gate).shifted_(pre)
+                    cast(NoRGaGate, gate).shifted_(rows[:, :, :length])
             else:
-                pre.copy_(g[i].transpose(-2, -1))
-            rows[:, length] = lse_rows[i]
+                rows[:, :, :length].copy_(g[c0:c1].transpose(-2, -1))
+            rows[:, :, length] = lse_rows[c0:c1]
             weights = torch.softmax(rows, dim=-2)
             # p @ pv into a contiguous temporary (a batched GEMM into out's strided rows would run per head),
-            # then one pass: out_i = p @ pv + w_tok * out_i
-            p_pv = torch.matmul(weights[:, :length].transpose(-2, -1), pv32[j])
-            torch.addcmul(p_pv, out[i], weights[:, length].unsqueeze(-1), out=out[i])
+            # then one pass: out = p @ pv + w_tok * out
+            p_pv = torch.matmul(weights[:, :, :length].transpose(-2, -1), pv32[c0:c1] if pv.shape[0] > 1 else pv32)
+            torch.addcmul(p_pv, out[c0:c1], weights[:, :, length].unsqueeze(-1), out=out[c0:c1])
     return out.to(v.dtype)
 
 

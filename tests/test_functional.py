@@ -366,3 +366,30 @@ def test_fully_masked_token_rows_attend_to_the_prefix_alone(backend, grad):
         exp = torch.autograd.grad((want * w).sum(), r)
         for g_, e in zip(got, exp):
             torch.testing.assert_close(g_.double(), e, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_chunk", [1, 2])
+@pytest.mark.parametrize("gate_name", ["tanh", "custom", "logits"])
+def test_merge_without_autograd_in_chunks_of_samples(monkeypatch, per_chunk, gate_name):
+    """The in-place path works through the batch in chunks of samples (1 and 2 here, so B=3 ends with a
+    partial chunk): the same result as the float64 reference."""
+    import norga.functional as nf
+
+    monkeypatch.setattr(nf, "_EPILOGUE_ELEMENTS", per_chunk * H * (L + 1) * N)
+    _, q, k, v = _qkv()
+    q, k, v = q.detach(), k.detach(), v.detach()
+    pk, pv = torch.randn(B, L, H * D), torch.randn(B, L, H * D)
+    logits = torch.randn(B, H, 1, L) if gate_name == "logits" else None
+    gate = _softmax_gate if gate_name == "custom" else NoRGaGate("tanh", alpha=0.8, tau=1.7)
+    ref_gate = (
+        _softmax_gate
+        if gate_name == "custom"
+        else (lambda s: ref.norga_gate(s, "tanh", gate.alpha.item(), gate.tau.item()))
+    )
+    prefix = Prefix(pk, pv, logits)
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, prefix, gate=gate, backend="merge")
+    want = ref.prefix_attention(
+        q, k, v, ref.heads(pk, H), ref.heads(pv, H), scale=D**-0.5, gate=ref_gate, logits=logits
+    )
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
