@@ -108,3 +108,20 @@ def test_plot_memory_slopes_and_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "|     naive | 3.0 12.0 48.0 |          2.00 |" in printed
     assert "|     merge | 5.0 10.0 20.0 |          1.00 |" in printed
+
+
+def test_report_tables_and_ratios(tmp_path, capsys):
+    """report.py turns results into the docs' tables: one row per shape, ratios of auto to floor and naive."""
+    from benchmarks.report import main as report_main
+
+    rows = [
+        {"B": 16, "N": 197, "L": 20, "mode": "fwd", "contender": c, "median_ms": ms, "peak_mib": mib}
+        for c, ms, mib in (("naive", 80.0, 90.0), ("auto", 33.0, 16.0), ("floor", 30.0, 32.0))
+    ]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"results": rows}))
+    report_main([str(path), "--memory"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| B | N | L | mode | naive ms | auto ms | floor ms | auto/floor | auto/naive |"
+    assert lines[2] == "| 16 | 197 | 20 | fwd | 80.0 | 33.0 | 30.0 | 1.10 | 0.41 |"
+    assert lines[-1] == "| 16 | 197 | 20 | fwd | 90.0 | 16.0 | 32.0 |"
