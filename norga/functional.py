@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ._validation import check_attention_inputs, check_prefix_dims, shape_str
-from .gates import ACTIVATIONS, NoRGaGate
+from .gates import NoRGaGate
 
 __all__ = [
     "Prefix",
@@ -396,15 +396,16 @@ def _merge_no_grad(
     bias: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """The ``merge`` backend without autograd: the equations of :class:`_MergeFunction`, one sample at a time.
+    """The ``merge`` backend without autograd: the equations of :class:`_MergeFunction`, in cache-sized chunks.
 
-    After the fused token kernel, each sample's epilogue works on one ``(H, L + 1, N)`` float32 buffer that
-    stays in cache: rows ``0..L-1`` hold the prefix scores ``scale * pk . q`` (one GEMM straight from the
-    strided ``q`` that timm's ``qkv`` split gives, no copy of ``q``), gated in place, and row ``L`` holds
-    ``lse_tok``; one softmax over the rows gives the prefix weights and the token weight. The output is
-    the kernel's token output updated in place (``o_tok *= w_tok``, then ``o_tok += p @ pv``), so it keeps
-    the kernel's memory layout (``(B, N, H, D)`` for timm's strided ``q``): a later
-    ``transpose(1, 2).reshape(B, N, C)`` is free, as after SDPA.
+    After the fused token kernel, the batch is processed in chunks of samples whose float32 buffer of
+    ``(H, L + 1, N)`` rows per sample fits in :data:`_EPILOGUE_ELEMENTS`: rows ``0..L-1`` hold the prefix
+    scores ``scale * pk . q`` (one GEMM per sample straight from the strided ``q`` that timm's ``qkv`` split
+    gives, no copy of ``q``), gated in place, and row ``L`` holds ``lse_tok``; one softmax over the rows
+    gives the prefix weights and the token weight. ``p @ pv`` goes into a small contiguous temporary and one
+    ``addcmul`` writes ``w_tok * o_tok + p @ pv`` over the kernel's token output, which keeps the kernel's
+    memory layout (``(B, N, H, D)`` for timm's strided ``q``): a later ``transpose(1, 2).reshape(B, N, C)``
+    is free, as after SDPA.
 
     A built-in :class:`~norga.NoRGaGate` is applied with :meth:`~norga.NoRGaGate.shifted_`, whose constant
     (``-alpha`` for tanh) goes onto the ``lse_tok`` row instead (a softmax row is shift-invariant). Given
@@ -417,9 +418,7 @@ def _merge_no_grad(
     length = pk.shape[-2]
     with torch.autocast(device_type=q.device.type, enabled=False):
         out = o_tok if o_tok.dtype == torch.float32 else o_tok.float()  # a float32 kernel output is ours
-        in_place = logits is None and (
-            gate is None or (isinstance(gate, NoRGaGate) and gate.act is ACTIVATIONS.get(gate.activation_name))
-        )
+        in_place = logits is None and (gate is None or (isinstance(gate, NoRGaGate) and gate.builtin))
         lse_rows = lse_tok.float()
         g = None
         if in_place:
@@ -658,7 +657,7 @@ def prefix_attention(
             raise ValueError(f"backend 'flex' needs at least one query, got N={n}; use 'sdpa' or 'math'")
         return _flex(q, k, v, pk, pv, gate, p.logits, attn_bias, scale)
     if name == "merge" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # eager inference: the in-place, per-sample epilogue; under torch.compile the batched form below,
+        # eager inference: the in-place epilogue in chunks of samples; under torch.compile the batched form below,
         # which inductor fuses (Dynamo cannot trace the in-place writes into strided outputs)
         return _merge_no_grad(q, k, v, pk, pv, gate, p.logits, attn_bias, scale)
     g = prefix_scores(q, pk, scale, gate, p.logits)

@@ -102,6 +102,11 @@ class NoRGaGate(nn.Module):
             self.register_buffer("alpha", a)
             self.register_buffer("tau", t)
 
+    @property
+    def builtin(self) -> bool:
+        """Whether the activation is one of :data:`ACTIVATIONS` (elementwise by construction, with fast paths)."""
+        return self.act is ACTIVATIONS.get(self.activation_name)
+
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         """Return ``scores + alpha * act(tau * scores)``.
 
@@ -115,8 +120,7 @@ class NoRGaGate(nn.Module):
             raise TypeError(f"NoRGaGate: scores must be a floating-point tensor, got dtype {scores.dtype}")
         alpha = self.alpha.to(scores.dtype)
         tau = self.tau.to(scores.dtype)
-        builtin = self.act is ACTIVATIONS.get(self.activation_name)
-        if builtin and not (
+        if self.builtin and not (
             torch.is_grad_enabled() and (scores.requires_grad or alpha.requires_grad or tau.requires_grad)
         ):
             return self._forward_no_grad(scores, alpha, tau)
@@ -162,7 +166,7 @@ class NoRGaGate(nn.Module):
         Raises:
             ValueError: the gate has a custom activation, or autograd would need the result.
         """
-        if self.act is not ACTIVATIONS.get(self.activation_name):
+        if not self.builtin:
             raise ValueError(f"NoRGaGate.shifted_ needs a built-in activation, got {self.activation_name!r}")
         if torch.is_grad_enabled() and (scores.requires_grad or self.alpha.requires_grad or self.tau.requires_grad):
             raise ValueError("NoRGaGate.shifted_ works in place without autograd; call it under torch.no_grad()")

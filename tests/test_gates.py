@@ -118,3 +118,10 @@ def test_gate_shifted_refuses_custom_activation_and_autograd():
             NoRGaGate(torch.relu).shifted_(torch.zeros(3))
     with pytest.raises(ValueError, match=r"without autograd; call it under torch.no_grad\(\)"):
         NoRGaGate("tanh").shifted_(torch.zeros(3))
+
+
+def test_gate_builtin_marks_the_paper_activations():
+    assert all(NoRGaGate(a).builtin for a in ("tanh", "sigmoid", "gelu"))
+    assert NoRGaGate(torch.tanh).builtin  # the same function under its own name
+    assert not NoRGaGate(torch.relu).builtin
+    assert not NoRGaGate(lambda x: torch.tanh(x)).builtin
