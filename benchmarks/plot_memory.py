@@ -2,7 +2,7 @@
 
 One line per contender, peak MiB against ``N`` (log-log), for one ``(B, L, mode)``; a line of slope 2 is
 memory that grows as ``N²`` (the explicit scores of ``naive``), slope 1 as ``N`` (fused kernels). Also
-prints the fitted slope of each contender between its smallest and largest ``N``.
+prints each contender's slope between its two largest ``N`` (where fixed overheads matter least).
 
 Example (run from the repository root)::
 
@@ -35,8 +35,8 @@ def series(rows: List[Dict[str, object]], b: int, length: int, mode: str) -> Dic
 
 
 def slope(points: List[Tuple[int, float]]) -> float:
-    """The log-log slope between the first and the last point (2: memory grows as N², 1: as N)."""
-    (n0, m0), (n1, m1) = points[0], points[-1]
+    """The log-log slope between the last two points (2: memory grows as N², 1: as N)."""
+    (n0, m0), (n1, m1) = points[-2], points[-1]
     if n1 == n0 or m0 <= 0 or m1 <= 0:
         return float("nan")
     return math.log(m1 / m0) / math.log(n1 / n0)
@@ -73,6 +73,7 @@ def main(argv: List[str] | None = None) -> None:
     print(format_table(table, ["contender", "peak MiB", "log-log slope"]))
 
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,6 +83,8 @@ def main(argv: List[str] | None = None) -> None:
         ax.plot([n for n, _ in pts], [m for _, m in pts], marker="o", label=f"{name} (slope {slope(pts):.2f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("tokens N")
     ax.set_ylabel("peak memory of one call (MiB)")
     device = machine.get("gpu") or machine.get("cpu_model") or "cpu"
