@@ -420,13 +420,11 @@ def _merge_no_grad(
         out = o_tok if o_tok.dtype == torch.float32 else o_tok.float()  # a float32 kernel output is ours
         in_place = logits is None and (gate is None or (isinstance(gate, NoRGaGate) and gate.builtin))
         lse_rows = lse_tok.float()
-        g = None
+        g = shift = None
         if in_place:
             # [scale * pk; 0]: the GEMM fills all L + 1 rows of the contiguous buffer (a GEMM into a strided
             # slice of it runs per head); the scale goes on the small (L, D) key
             pk_pad = q.new_zeros((h, length + 1, pk.shape[-1]), dtype=torch.float32)
-            if isinstance(gate, NoRGaGate) and gate.activation_name == "tanh":
-                lse_rows = lse_rows + gate.alpha.float()  # the gate's -alpha, moved to the other column
         else:
             g = prefix_scores(q, pk, scale, gate, logits)  # (B, H, N, L), float32
         pv32 = pv.float()
@@ -443,10 +441,11 @@ def _merge_no_grad(
                         torch.mul(pk[i if pk.shape[0] > 1 else 0].float(), scale, out=pk_pad[:, :length])
                     torch.matmul(pk_pad, q[i].float().transpose(-2, -1), out=rows[i - c0])
                 if gate is not None:
-                    cast(NoRGaGate, gate).shifted_(rows[:, :, :length])
+                    shift = cast(NoRGaGate, gate).shifted_(rows[:, :, :length])
             else:
                 rows[:, :, :length].copy_(g[c0:c1].transpose(-2, -1))
-            rows[:, :, length] = lse_rows[c0:c1]
+            # the gate's constant, left out of the prefix rows, goes onto the lse_tok row (shift-invariance)
+            rows[:, :, length] = lse_rows[c0:c1] if shift is None else lse_rows[c0:c1] + shift
             weights = torch.softmax(rows, dim=-2)
             # p @ pv into a contiguous temporary (a batched GEMM into out's strided rows would run per head),
             # then one pass: out = p @ pv + w_tok * out
