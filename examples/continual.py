@@ -404,6 +404,8 @@ class Config:
     finetune_lr: float = 1e-4
     clip: float = 1.0
     prompt_length: int = 5
+    prompt_momentum: float = 0.01  # the NoRGa / HiDe-Prompt authors' default, for every pool method
+    contrastive_reg: float = 0.1  # their --reg: weight of norga.cl.contrastive_regularization (pool methods)
     pool_layers: int = 5
     smope_layers: int = 6
     smope_experts: int = 25
@@ -412,8 +414,8 @@ class Config:
     # SMoPE's experts are shared by every task: at lr 0.01 they drift so far over 8 tasks that earlier
     # classes collapse (default run: FA 28.3, FM 73.6); at 1e-3 (experts and head) FA 84.1, FM 6.0.
     smope_lr: float = 1e-3
-    router_mu: float = 1e-5
-    proto_mu: float = 1e-4
+    router_mu: float = 1e-5  # the SMoPE authors' CIFAR-100 script: 1e-5 for both losses
+    proto_mu: float = 1e-5
     prompt_at: str = "last"  # "last": cache the frozen first blocks; "first": paper placement, no cache
     img_size: int = 56
     seed: int = 0
@@ -521,17 +523,21 @@ def _train_loop(
     on_epoch: Optional[Callable[[int], None]] = None,
     on_optimizer: Optional[Callable[[torch.optim.Optimizer], Any]] = None,
     desc: str = "",
+    epochs: Optional[int] = None,
+    gen: Optional[torch.Generator] = None,
 ) -> None:
-    """Adam over ``params`` (or ``lr_groups``), ``cfg.epochs`` epochs of task ``task``'s training data."""
+    """A fresh Adam over ``params`` (or ``lr_groups``), ``epochs`` (default ``cfg.epochs``) epochs of task
+    ``task``'s training data, shuffled by ``gen`` (default: seeded from the task)."""
     cfg = ctx.cfg
+    epochs = cfg.epochs if epochs is None else epochs
     idx = _task_indices(ctx.stream.train.labels, ctx.stream.splits[task])
     opt = torch.optim.Adam(lr_groups if lr_groups is not None else params, lr=cfg.lr)
     if on_optimizer is not None:
         on_optimizer(opt)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + task)
-    steps = cfg.epochs * math.ceil(idx.numel() / cfg.batch_size)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + task) if gen is None else gen
+    steps = epochs * math.ceil(idx.numel() / cfg.batch_size)
     bar = progress(range(steps), steps, desc, cfg.progress)
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         if on_epoch is not None:
             on_epoch(epoch)
         order = idx[torch.randperm(idx.numel(), generator=gen)]
@@ -574,7 +580,7 @@ def run_pool(
     model = copy.deepcopy(ctx.backbone)
     dim, depth = model.embed_dim, num_blocks(model)
     layers = list(range(cfg.pool_layers)) if cfg.prompt_at == "first" else list(range(depth - cfg.pool_layers, depth))
-    pool = norga.PrefixPool(stream.num_tasks, len(layers), cfg.prompt_length, dim)
+    pool = norga.PrefixPool(stream.num_tasks, len(layers), cfg.prompt_length, dim, momentum=cfg.prompt_momentum)
     norga.patch_vit(model, gate=None if gate is None else norga.NoRGaGate(gate), prompt=pool, layers=layers)
     _freeze_all(model)
     head = nn.Linear(dim, stream.num_classes)
@@ -583,6 +589,7 @@ def run_pool(
     memo = torch.full((len(ctx.test_in), stream.num_tasks, stream.num_classes), math.nan)
     acc = [[None] * stream.num_tasks for _ in range(stream.num_tasks)]
     final_tii = math.nan
+    prototypes = torch.empty(0, dim)  # class means of the earlier tasks, for the contrastive regulariser
     for t in range(stream.num_tasks):
         classes = stream.splits[t]
         if t > 0:
@@ -605,11 +612,13 @@ def run_pool(
             epoch_now: list[int] = epoch_now,
             stats: cl.ClassStatistics = stats,
             classes: list[int] = classes,
+            prototypes: Tensor = prototypes,
         ) -> Tensor:
             f = features(model, x, ctx.start)
             if epoch_now[0] == cfg.epochs - 1:  # the last epoch's features give the task's class statistics
                 stats.update(f.detach().double(), y)
-            return _masked_ce(head(f), y, classes)
+            reg = cl.contrastive_regularization(f, prototypes if len(prototypes) else None)
+            return _masked_ce(head(f), y, classes) + cfg.contrastive_reg * reg
 
         _train_loop(
             ctx,
@@ -620,8 +629,10 @@ def run_pool(
             on_optimizer=pool.protect,
             desc=f"{'norga-' + gate if gate else 'prefix'} task {t}",
         )
+        norga.end_task(model)  # prompt momentum: the task's prompt becomes the blend that training used
         # the rows of this task's classes become the LDA of their statistics under the task's prompt
         set_rows(head, classes, *lda_head(stats, classes, cfg.lda_shrinkage))
+        prototypes = torch.cat([prototypes, torch.stack([stats.mean(c).float() for c in classes])])
         if on_task_end is not None:
             on_task_end(t, pool, head)
         # evaluation: TII among the classes seen so far, then the predicted task's prompt and classes
@@ -697,26 +708,44 @@ def run_smope(ctx: Context) -> tuple[list[list[Optional[float]]], float, int]:
     stats = cl.ClassStatistics()
     for t in range(stream.num_tasks):
         classes = stream.splits[t]
-        model.train()
-        epoch_now = [0]
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + t)
+        # the authors' schedule: on the first task a dense warm-up for half the epochs, then sparse for all of
+        # them, each phase with a fresh optimizer; the class statistics come from the last sparse epoch
+        for phase in norga.smope.training_phases(t, cfg.epochs):
+            norga.set_dense(model, phase.dense)
+            model.train()
+            epoch_now = [0]
 
-        def on_epoch(epoch: int, epoch_now: list[int] = epoch_now, t: int = t) -> None:
-            epoch_now[0] = epoch
-            norga.set_dense(model, t == 0 and epoch < max(1, cfg.epochs // 2))
+            def on_epoch(epoch: int, epoch_now: list[int] = epoch_now) -> None:
+                epoch_now[0] = epoch
 
-        def loss_fn(
-            x: Tensor, y: Tensor, epoch_now: list[int] = epoch_now, classes: list[int] = classes, t: int = t
-        ) -> Tensor:
-            f = features(model, x, ctx.start)
-            if epoch_now[0] == cfg.epochs - 1:
-                stats.update(f.detach().double(), y)
-            ce = _masked_ce(head(f), y, classes)
-            router, proto = norga.smope_losses(model)
-            return ce + cfg.router_mu * router + (cfg.proto_mu * proto if t > 0 else 0.0)
+            def loss_fn(
+                x: Tensor,
+                y: Tensor,
+                epoch_now: list[int] = epoch_now,
+                classes: list[int] = classes,
+                t: int = t,
+                last: bool = not phase.dense and phase.epochs > 0,
+                epochs: int = phase.epochs,
+            ) -> Tensor:
+                f = features(model, x, ctx.start)
+                if last and epoch_now[0] == epochs - 1:
+                    stats.update(f.detach().double(), y)
+                ce = _masked_ce(head(f), y, classes)
+                router, proto = norga.smope_losses(model)
+                return ce + cfg.router_mu * router + (cfg.proto_mu * proto if t > 0 else 0.0)
 
-        groups = [{"params": params, "lr": cfg.smope_lr}]
-        _train_loop(ctx, t, params, loss_fn, lr_groups=groups, on_epoch=on_epoch, desc=f"smope task {t}")
+            groups = [{"params": params, "lr": cfg.smope_lr}]
+            desc = f"smope task {t}" + (" (dense)" if phase.dense else "")
+            _train_loop(
+                ctx, t, params, loss_fn, lr_groups=groups, on_epoch=on_epoch, desc=desc, epochs=phase.epochs, gen=gen
+            )
         norga.set_dense(model, False)
+        # usage as the authors count it: the noise-free top-K of an evaluation pass over the task's training data
+        idx = _task_indices(stream.train.labels, classes)
+        with norga.count_usage(model):
+            for b in idx.split(cfg.eval_batch):
+                features(model, ctx.train_in.get(b, train=False), ctx.start)
         norga.end_task(model)
         seen = [c for s in stream.splits[: t + 1] for c in s]
         set_rows(head, seen, *lda_head(stats, seen, cfg.lda_shrinkage))  # old classes: statistics of their time

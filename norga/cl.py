@@ -31,6 +31,7 @@ __all__ = [
     "NearestClassMean",
     "align_classifier",
     "class_order",
+    "contrastive_regularization",
     "cumulative_average",
     "final_average",
     "forgetting",
@@ -874,6 +875,61 @@ def task_id_accuracy(pred_task: Tensor, true_task: Tensor) -> float:
     if pred_task.numel() == 0:
         raise ValueError("task_id_accuracy needs at least one sample, got 0")
     return 100.0 * float((pred_task == true_task.to(pred_task.device)).double().mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Contrastive regularisation of features (HiDe-Prompt / NoRGa training)
+# --------------------------------------------------------------------------------------------------
+
+
+def contrastive_regularization(features: Tensor, prototypes: Tensor | None = None, temperature: float = 0.8) -> Tensor:
+    """The feature regulariser the HiDe-Prompt and NoRGa authors add to the task loss (their ``orth_loss``).
+
+    With ``M = [prototypes; features]`` (the class means of the tasks seen before, then the batch's
+    features, neither normalised), each row must be most similar to itself::
+
+        loss = CE(M @ M^T / temperature, arange(len(M)))      (mean over the rows)
+
+    which pushes the batch's features away from each other and from the old classes' means. The authors
+    weight it by ``--reg`` (0.1 in their CIFAR-100 NoRGa script) and use ``temperature = 0.8``.
+
+    Args:
+        features: Pre-logits features of the batch ``(B, C)``.
+        prototypes: Class means of earlier tasks ``(P, C)``, or ``None`` (first task).
+        temperature: Divides the similarities; must be > 0.
+
+    Returns:
+        A scalar tensor (0 for an empty ``M``).
+
+    Raises:
+        TypeError: ``features`` or ``prototypes`` is not a floating tensor.
+        ValueError: shapes do not match, or ``temperature`` is not a positive finite number.
+    """
+    if not isinstance(features, Tensor) or not features.is_floating_point() or features.dim() != 2:
+        raise TypeError(f"features must be a floating tensor of shape (B, C), got {_describe(features)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    rows = features
+    if prototypes is not None:
+        if not isinstance(prototypes, Tensor) or not prototypes.is_floating_point() or prototypes.dim() != 2:
+            raise TypeError(f"prototypes must be a floating tensor of shape (P, C), got {_describe(prototypes)}")
+        if prototypes.shape[1] != features.shape[1]:
+            raise ValueError(
+                f"prototypes must have C={features.shape[1]} columns like features, got shape {tuple(prototypes.shape)}"
+            )
+        rows = torch.cat([prototypes.to(features), features], dim=0)
+    if rows.shape[0] == 0:
+        return features.new_zeros(())
+    sim = rows @ rows.T / temperature
+    return F.cross_entropy(sim, torch.arange(rows.shape[0], device=rows.device))
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__
 
 
 # --------------------------------------------------------------------------------------------------

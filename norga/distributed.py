@@ -6,31 +6,29 @@ parameter, so inactive tasks' prompts get zero gradients rather than none; every
 used in every forward; SMoPE's unselected experts get zero gradients from the gather). DDP averages the
 gradients and every rank ends with the same parameters.
 
-SMoPE's *buffers* are another matter. ``usage`` counts, per head and expert, how often the router chose
-the expert in training, and it decides the "frequent" experts at :func:`norga.end_task`. Each rank counts
-only its own samples, and DDP treats buffers in one of two ways:
-
-* ``broadcast_buffers=True`` (DDP's default): before every forward, rank 0's buffers overwrite the
-  others'. The counts then come from rank 0's samples only (one ``world_size``-th of the data), and
-  after the last forward the ranks differ by their last batch's counts, so ``end_task`` would mark
-  different frequent experts on different ranks.
-* ``broadcast_buffers=False``: each rank keeps its own counts.
-
-The exact global counts need the second mode plus a reduction: :func:`sync_smope_usage` all-reduces
-(sums) the increments since its previous call, so that afterwards every rank holds
+SMoPE's *buffers* are another matter. ``usage`` counts, per head and expert, how often the expert was among
+the noise-free top ``K`` in the counting passes (:func:`norga.count_usage`), and it decides the "frequent"
+experts at :func:`norga.end_task`. Each rank counts only its own shard of the task's data, so the exact
+global counts need a reduction: :func:`sync_smope_usage` all-reduces (sums) the increments since its
+previous call, so that afterwards every rank holds
 ``usage = previous common counts + sum over ranks of their own new counts``. Call it once before
-training (it records the common starting counts and checks that all ranks agree), and again before
-every :func:`norga.end_task` (and before saving)::
+training (it records the common starting counts and checks that all ranks agree), and again after every
+counting pass, before :func:`norga.end_task` (and before saving)::
 
-    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    ddp = DistributedDataParallel(model)
     norga.sync_smope_usage(model)          # start: records the counts every rank shares
-    for x, y in loader:                    # train a task
+    for x, y in loader:                    # train a task (training steps do not count)
         ...
+    with norga.count_usage(model):         # the unwrapped model: each rank counts its own shard
+        for x, _ in loader:
+            model(x)
     norga.sync_smope_usage(model)          # every rank now has the global counts
     norga.end_task(model)                  # identical "frequent" experts and key snapshots on every rank
 
-timm ViTs have no buffers that training changes (no batch norm), so ``broadcast_buffers=False`` loses
-nothing there. Counts are float32 and exact up to 2**24 per head and expert.
+Run the counting pass on the unwrapped model, as above: a forward through the DDP wrapper would first
+overwrite every rank's buffers with rank 0's (DDP's buffer synchronisation), losing the other ranks'
+counts. Training forwards through the wrapper are fine: they do not change ``usage``. Counts are float32
+and exact up to 2**24 per head and expert.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) runs on CPU with gloo (tested) and shards the prompt pool
 and SMoPE experts like any parameter, with one exception: it refuses 0-dimensional parameters

@@ -28,7 +28,8 @@ from typing import Any, Iterator, Union
 import torch
 from torch import nn
 
-from .functional import Prefix
+from ._validation import fail, refuse_torchscript
+from .functional import Prefix, prefix_heads
 
 __all__ = ["PrefixPrompt", "PrefixPool", "PoolPrompt", "set_task", "use_task", "prefix_pools", "TaskSpec"]
 
@@ -50,6 +51,8 @@ class PrefixPrompt(nn.Module):
         init: ``"uniform"`` draws U(-1, 1) as the NoRGa authors do; ``"zeros"`` starts at zero.
     """
 
+    __prepare_scriptable__ = refuse_torchscript
+
     def __init__(self, length: int, dim: int, init: str = "uniform") -> None:
         super().__init__()
         _positive("length", length)
@@ -58,7 +61,8 @@ class PrefixPrompt(nn.Module):
         _init_(self.prompt, init)
 
     def forward(self, q: torch.Tensor) -> Prefix:
-        return Prefix(self.prompt[0], self.prompt[1])
+        """The prefix in head space ``(1, H, L, D)``, heads taken from the queries ``q`` ``(B, H, N, D)``."""
+        return Prefix(prefix_heads(self.prompt[0].unsqueeze(0), q), prefix_heads(self.prompt[1].unsqueeze(0), q))
 
     def extra_repr(self) -> str:
         _, length, dim = self.prompt.shape
@@ -87,17 +91,31 @@ class PrefixPool(nn.Module):
         length: Prefix length ``L`` (5 for CIFAR-100, 20 for ImageNet-R and CUB in NoRGa).
         dim: Layer width ``num_heads * head_dim``.
         init: ``"uniform"`` (U(-1, 1)) or ``"zeros"``.
+        momentum: The NoRGa / HiDe-Prompt authors' prompt momentum ``m`` (their default 0.01; 0 turns it
+            off). While the pool is in training mode with one task ``t > 0`` active, the prompt used is
+            ``(1 - m) * P_t + m * mean(P_0, ..., P_{t-1})``, the mean detached; :meth:`end_task` then
+            writes that blend into ``P_t``.
 
     The active task is ``self.task``: an ``int`` (every sample uses that task) or a ``LongTensor`` of
     shape ``(B,)`` (one task per sample). Set it with :func:`set_task`.
     """
 
+    __prepare_scriptable__ = refuse_torchscript
+
     task: TaskSpec
 
-    def __init__(self, num_tasks: int, num_layers: int, length: int, dim: int, init: str = "uniform") -> None:
+    def __init__(
+        self, num_tasks: int, num_layers: int, length: int, dim: int, init: str = "uniform", momentum: float = 0.0
+    ) -> None:
         super().__init__()
         for name, value in (("num_tasks", num_tasks), ("num_layers", num_layers), ("length", length), ("dim", dim)):
             _positive(name, value)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+            raise TypeError(f"momentum must be a float in [0, 1], got {type(momentum).__name__} ({momentum!r})")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        self.momentum = float(momentum)
+        self._shape = (num_tasks, num_layers, 2, length, dim)  # plain ints: also known while torch.fx traces
         self.prompts = nn.Parameter(torch.empty(num_tasks, num_layers, 2, length, dim))
         _init_(self.prompts, init)
         self.task = 0
@@ -108,40 +126,50 @@ class PrefixPool(nn.Module):
 
     @property
     def num_tasks(self) -> int:
-        return int(self.prompts.shape[0])
+        return self._shape[0]
 
     @property
     def num_layers(self) -> int:
-        return int(self.prompts.shape[1])
+        return self._shape[1]
 
     @property
     def length(self) -> int:
-        return int(self.prompts.shape[3])
+        return self._shape[3]
 
     @property
     def dim(self) -> int:
-        return int(self.prompts.shape[4])
+        return self._shape[4]
 
     def set_task(self, task: TaskSpec) -> None:
-        """Select one task for the batch (``int``) or one per sample (``LongTensor`` ``(B,)``)."""
+        """Select one task for the batch (``int``) or one per sample (``LongTensor`` ``(B,)``).
+
+        Raises:
+            TypeError: ``task`` is neither an int nor an integer tensor.
+            ValueError: a task id is out of range, the tensor is not 1-D, or it holds no values (meta device).
+        """
+        self.task = self._checked_task(task)
+
+    def _checked_task(self, task: TaskSpec) -> TaskSpec:
+        """``task`` validated and, for a tensor, as ``int64`` on the pool's device; nothing is changed."""
         if isinstance(task, bool):
             raise TypeError("task must be an int or an integer tensor, got bool")
         if isinstance(task, int):
             if not 0 <= task < self.num_tasks:
                 raise ValueError(f"task must be in [0, {self.num_tasks}), got {task}")
-            self.task = task
-            return
+            return task
         if not isinstance(task, torch.Tensor):
             raise TypeError(f"task must be an int or an integer tensor of shape (B,), got {type(task).__name__}")
         if task.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"task ids must be an integer tensor, got dtype {task.dtype}")
         if task.dim() != 1:
             raise ValueError(f"task ids must have shape (B,), got {tuple(task.shape)}")
+        if task.device.type == "meta":
+            raise ValueError("task ids must be a tensor with values, got one on the meta device")
         if task.numel() and (int(task.min()) < 0 or int(task.max()) >= self.num_tasks):
             raise ValueError(
                 f"task ids must be in [0, {self.num_tasks}), got values in [{int(task.min())}, {int(task.max())}]"
             )
-        self.task = task.to(device=self.prompts.device, dtype=torch.long)
+        return task.to(device=self.prompts.device, dtype=torch.long)
 
     def select(self, layer: int, batch: int) -> Prefix:
         """The prefix of the ``layer``-th prompted layer for the active task(s).
@@ -161,9 +189,11 @@ class PrefixPool(nn.Module):
             kv = self.prompts[task, layer]
             if task < self.frozen_before:
                 kv = kv.detach()
+            elif self.momentum > 0.0 and self.training and task > 0:
+                kv = (1.0 - self.momentum) * kv + self.momentum * self.prompts[:task, layer].detach().mean(dim=0)
             return Prefix(kv[0], kv[1])
-        if task.shape[0] != batch:
-            raise ValueError(f"{task.shape[0]} task ids were set but the batch has {batch} samples")
+        if not isinstance(batch, torch.fx.Proxy) and task.shape[0] != batch:
+            fail(ValueError(f"{task.shape[0]} task ids were set but the batch has {batch} samples"))
         kv = self.prompts[:, layer].index_select(0, task)  # (B, 2, L, dim)
         if self.frozen_before:
             frozen = (task < self.frozen_before).view(-1, 1, 1, 1)
@@ -194,6 +224,43 @@ class PrefixPool(nn.Module):
             raise ValueError(f"dst={dst} is frozen (tasks < {self.frozen_before} are); unfreeze it first")
         with torch.no_grad():
             self.prompts[dst].copy_(self.prompts[src])
+
+    def _check_end_task(self, task: int | None) -> int:
+        if task is None:
+            if not isinstance(self.task, int):
+                if self.momentum == 0.0:
+                    return -1
+                raise ValueError(
+                    "PrefixPool.end_task: per-sample task ids are set; set_task(model, t) to the task that was "
+                    "trained, or pass the task"
+                )
+            task = self.task
+        self._check_task_index("task", task)
+        if self.momentum > 0.0 and 0 < task < self.frozen_before:
+            raise ValueError(f"PrefixPool.end_task: task {task} is frozen (tasks < {self.frozen_before} are)")
+        return task
+
+    def end_task(self, task: int | None = None) -> None:
+        """Close task ``task`` (default: the active task): write the prompt-momentum blend into its prompts.
+
+        With ``momentum = m > 0`` and ``task = t > 0``, in place and without autograd::
+
+            P_t <- (1 - m) * P_t + m * mean(P_0, ..., P_{t-1})
+
+        as the authors do after training task ``t``. Nothing happens for ``t = 0`` or ``m = 0``.
+        :func:`norga.end_task` calls it for every pool of a model.
+
+        Raises:
+            TypeError: ``task`` is not an int.
+            ValueError: ``task`` is out of range or frozen, or ``task`` is None while per-sample task ids
+                are set (with momentum).
+        """
+        t = self._check_end_task(task)
+        if self.momentum == 0.0 or t <= 0:
+            return
+        with torch.no_grad():
+            blend = (1.0 - self.momentum) * self.prompts[t] + self.momentum * self.prompts[:t].mean(dim=0)
+            self.prompts[t].copy_(blend)
 
     def freeze_tasks_before(self, task: int) -> None:
         """Freeze the prompts of tasks ``< task`` (``0`` unfreezes every task).
@@ -259,7 +326,11 @@ class PrefixPool(nn.Module):
 
     def extra_repr(self) -> str:
         frozen = f", frozen_before={self.frozen_before}" if self.frozen_before else ""
-        return f"num_tasks={self.num_tasks}, num_layers={self.num_layers}, length={self.length}, dim={self.dim}{frozen}"
+        momentum = f", momentum={self.momentum:g}" if self.momentum else ""
+        return (
+            f"num_tasks={self.num_tasks}, num_layers={self.num_layers}, length={self.length}, dim={self.dim}"
+            f"{momentum}{frozen}"
+        )
 
 
 class PoolPrompt(nn.Module):
@@ -269,6 +340,8 @@ class PoolPrompt(nn.Module):
     model, by :func:`norga.patch_vit`), so its parameters appear once in ``parameters()`` and
     ``state_dict()``.
     """
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, pool: PrefixPool, index: int) -> None:
         super().__init__()
@@ -280,7 +353,12 @@ class PoolPrompt(nn.Module):
         return self._pool[0]
 
     def forward(self, q: torch.Tensor) -> Prefix:
-        return self._pool[0].select(self.index, q.shape[0])
+        """The active task's prefix in head space ``(1 or B, H, L, D)`` for queries ``q`` ``(B, H, N, D)``."""
+        pool = self._pool[0]
+        key, value = pool.select(self.index, q.shape[0])[:2]
+        if isinstance(pool.task, int):  # one task: (L, dim), shared by the batch
+            key, value = key.unsqueeze(0), value.unsqueeze(0)
+        return Prefix(prefix_heads(key, q), prefix_heads(value, q))
 
     def extra_repr(self) -> str:
         return f"layer={self.index}"
@@ -302,16 +380,20 @@ def set_task(model: nn.Module, task: TaskSpec) -> None:
             ``LongTensor`` of shape ``(B,)`` giving each sample its own task (inference after task-id
             prediction).
 
+    Every pool checks the ids before any pool changes, so a call that raises changes nothing.
+
     Raises:
-        ValueError: the model has no prefix pool, or a task id is out of range.
+        TypeError: ``model`` is not an ``nn.Module``, or ``task`` is neither an int nor an integer tensor.
+        ValueError: the model has no prefix pool, or a task id is out of range for one of its pools.
     """
     pools = prefix_pools(model)
     if not pools:
         raise ValueError(
             "set_task: the model has no norga.PrefixPool; patch it with patch_vit(..., prompt=PrefixPool(...))"
         )
-    for pool in pools:
-        pool.set_task(task)
+    checked = [pool._checked_task(task) for pool in pools]
+    for pool, t in zip(pools, checked):
+        pool.task = t
 
 
 @contextmanager

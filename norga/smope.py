@@ -11,28 +11,34 @@ over the :class:`norga.Prefix` it returns.
 What the authors' code keeps as Python attributes is state here, in buffers that travel with
 ``state_dict``:
 
-* ``usage`` ``(H, E)``: how often each expert was selected in training mode (cumulative over tasks);
+* ``usage`` ``(H, E)``: how often each expert was among the noise-free top ``K`` in the counting passes
+  (:func:`count_usage`) after each task, cumulative over tasks, as the authors count;
 * ``frequent`` ``(H, E)``: experts whose usage was at least the mean of the non-zero usages of their head
-  at the last :meth:`SMoPE.end_task`; they receive the adaptive routing noise in later training;
+  at some :meth:`SMoPE.end_task` (once flagged, always flagged); they receive the adaptive routing noise
+  in later training;
 * ``key_snapshot`` ``(H, E, D)`` and ``has_snapshot``: the keys at the last ``end_task``, the memory of
   the prototype loss.
 
-Model-level helpers: :func:`smope_layers`, :func:`smope_losses`, :func:`end_task`, :func:`set_dense`.
+Model-level helpers: :func:`smope_layers`, :func:`smope_losses`, :func:`count_usage`, :func:`end_task`,
+:func:`set_dense` and :func:`training_phases` (the authors' dense warm-up schedule).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validation import refuse_torchscript
 from .functional import Prefix
 from .gates import NoRGaGate, resolve_gate
 from .patch import _width
+from .prompts import prefix_pools
 
 __all__ = [
     "SMoPE",
@@ -40,10 +46,16 @@ __all__ = [
     "smope_factory",
     "smope_layers",
     "smope_losses",
+    "count_usage",
     "end_task",
+    "Phase",
+    "training_phases",
     "set_dense",
     "SMOPE_DEFAULT_LAYERS",
 ]
+
+#: The largest expert tensor (``H * E * D`` elements) SMoPE builds: 2**31 - 1, 8 GiB of float32.
+_MAX_EXPERT_ELEMENTS = 2**31 - 1
 
 #: SMoPE prompts blocks 0-5.
 SMOPE_DEFAULT_LAYERS: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
@@ -54,6 +66,14 @@ def _positive_int(name: str, value: int) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 
@@ -95,8 +115,12 @@ class SMoPE(nn.Module):
 
     Attributes:
         keys, values: ``nn.Parameter`` ``(H, E, D)``, initialised ``U[0, 1)`` as the authors do.
-        dense: When ``True`` every expert is used (the first task's dense warm-up); usage is not counted.
+        dense: When ``True`` every expert is used (the first task's dense warm-up).
+        counting: When ``True`` (set by :func:`count_usage`) each forward adds its noise-free top ``K``
+            selections to ``usage``.
     """
+
+    __prepare_scriptable__ = refuse_torchscript
 
     usage: torch.Tensor
     frequent: torch.Tensor
@@ -120,8 +144,18 @@ class SMoPE(nn.Module):
             raise ValueError(f"dim must be divisible by num_heads, got dim={dim} and num_heads={num_heads}")
         _check_routing(num_experts, top_k, noise_eps)
         head_dim = dim // num_heads
-        if scale is not None and (not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"scale must be finite and > 0, got {scale}")
+        if num_heads * num_experts * head_dim > _MAX_EXPERT_ELEMENTS:
+            gib = num_heads * num_experts * head_dim * 4 / 2**30
+            raise ValueError(
+                f"num_experts={num_experts} is too large: the keys would be a ({num_heads}, {num_experts}, "
+                f"{head_dim}) tensor of {gib:.1f} GiB (float32), and as much again for values, key snapshot "
+                f"and gradients; at most {_MAX_EXPERT_ELEMENTS} elements per tensor are supported"
+            )
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                raise TypeError(f"scale must be None or a real number, got {type(scale).__name__} ({scale!r})")
+            if not math.isfinite(scale) or scale <= 0:
+                raise ValueError(f"scale must be finite and > 0, got {scale}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -131,6 +165,7 @@ class SMoPE(nn.Module):
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.gate = resolve_gate(gate)
         self.dense = False
+        self.counting = False
         self.keys = nn.Parameter(torch.rand(num_heads, num_experts, head_dim))
         self.values = nn.Parameter(torch.rand(num_heads, num_experts, head_dim))
         self.register_buffer("usage", torch.zeros(num_heads, num_experts))
@@ -153,39 +188,57 @@ class SMoPE(nn.Module):
 
     def scores(self, q: torch.Tensor) -> torch.Tensor:
         """Routing scores ``s = mean_n(q) . key`` in float32, shape ``(B, H, E)``."""
-        self._check_q(q)
+        if not isinstance(q, torch.fx.Proxy):
+            self._check_q(q)
         q_mean = q.float().mean(dim=2).transpose(0, 1)  # (H, B, D)
         # one (H, B, D) @ (H, D, E) bmm: no broadcast copy of the keys over the batch
         return (q_mean @ self.keys.float().transpose(-1, -2)).transpose(0, 1)  # (B, H, E)
 
-    def noisy_scores(self, s: torch.Tensor) -> torch.Tensor:
-        """Scores used for *selection* in training: frequent experts get ``- eps * (max s - min s)``.
+    def routing_scores(self, s: torch.Tensor) -> torch.Tensor:
+        """The scores that *select* experts; the attention logit always uses the raw ``s``.
 
-        The range is per sample and head and is not differentiated. Outside training, or before any
-        :meth:`end_task`, the scores are returned unchanged.
+        As the authors route, with ``range = max s - min s`` per sample and head, not differentiated:
+
+        * training: frequent experts get ``s - noise_eps * range`` (the adaptive noise);
+        * evaluation: experts whose :attr:`usage` count is 0 get ``s - 2 * range``, so they are chosen only
+          when fewer than ``K`` used experts are left. A head whose counts are all 0 is returned unchanged
+          (the authors shift all its scores alike, which selects the same experts).
+
+        Args:
+            s: Raw routing scores ``(B, H, E)``.
         """
-        if not self.training or self.noise_eps == 0.0:
-            return s
+        if self.training:
+            if self.noise_eps == 0.0:
+                return s
+            penalty = self.noise_eps * self.frequent.to(s.dtype)
+        else:
+            unused = self.usage == 0
+            penalty = 2.0 * (unused & ~unused.all(dim=-1, keepdim=True)).to(s.dtype)
         spread = (s.amax(dim=-1, keepdim=True) - s.amin(dim=-1, keepdim=True)).detach()
-        return s - self.noise_eps * spread * self.frequent.to(s.dtype)
+        return s - spread * penalty
 
     def route(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Select experts: ``(indices (B, H, K), scores (B, H, K))`` with the *noise-free* scores.
+        """Select experts: ``(indices (B, H, K), scores (B, H, K))``, the scores raw (noise-free).
 
-        In dense mode every expert is selected (``K = E``), in expert order.
+        Selection uses :meth:`routing_scores`. In dense mode every expert is selected (``K = E``), in expert
+        order. While :func:`count_usage` is active, the top ``K`` of the *raw* scores are added to
+        :attr:`usage` after the selection, as the authors count.
         """
         s = self.scores(q)
         if self.dense:
             idx = torch.arange(self.num_experts, device=s.device).expand(s.shape[0], self.num_heads, -1)
-            self._last_scores, self._last_indices = None, None
-            return idx, s
-        routed = self.noisy_scores(s)
-        idx = routed.topk(self.top_k, dim=-1, sorted=True).indices  # (B, H, K)
-        if self.training:
+        else:
+            idx = self.routing_scores(s).topk(self.top_k, dim=-1, sorted=True).indices  # (B, H, K)
+        if self.counting:
             with torch.no_grad():
-                counts = F.one_hot(idx, self.num_experts).sum(dim=(0, 2)).to(self.usage.dtype)  # (H, E)
-                self.usage.add_(counts)
-        self._last_scores, self._last_indices = routed, idx
+                top = s.topk(self.top_k, dim=-1).indices
+                self.usage.add_(F.one_hot(top, self.num_experts).sum(dim=(0, 2)).to(self.usage.dtype))
+        # router_loss needs the raw scores (differentiable) and the noisy selection of a sparse training step;
+        # under torch.fx tracing there is no step to remember
+        if self.training and not self.dense and not isinstance(s, torch.fx.Proxy):
+            self._last_scores, self._last_indices = s, idx
+        elif self._last_scores is not None:  # assign only on a change: torch.export flags every assignment
+            self._last_scores = self._last_indices = None
         return idx, s.gather(-1, idx)
 
     def forward(self, q: torch.Tensor) -> Prefix:
@@ -199,9 +252,8 @@ class SMoPE(nn.Module):
         idx, s = self.route(q)
         # gather per sample and head: row h * E + j of the flattened (H * E, D) experts
         flat = (idx + self.num_experts * torch.arange(self.num_heads, device=idx.device).view(1, -1, 1)).reshape(-1)
-        shape = (*idx.shape, self.head_dim)
-        key = self.keys.reshape(-1, self.head_dim).index_select(0, flat).view(shape)  # (B, H, K, D)
-        value = self.values.reshape(-1, self.head_dim).index_select(0, flat).view(shape)
+        key = self.keys.reshape(-1, self.head_dim).index_select(0, flat).unflatten(0, idx.shape)  # (B, H, K, D)
+        value = self.values.reshape(-1, self.head_dim).index_select(0, flat).unflatten(0, idx.shape)
         logits = (self.scale * s).unsqueeze(2)  # (B, H, 1, K)
         if self.gate is not None:
             logits = self.gate(logits)
@@ -211,50 +263,67 @@ class SMoPE(nn.Module):
     # ------------------------------------------------------------------ tasks and losses
     @torch.no_grad()
     def end_task(self) -> None:
-        """Close a task: mark frequent experts and snapshot the keys (both buffers).
+        """Close a task: flag frequent experts and snapshot the keys (both buffers).
 
-        An expert is frequent if its usage is at least the mean of the non-zero usages of its head.
-        A head that has never routed marks nothing.
+        Call it after the task's counting pass (:func:`count_usage`). An expert is flagged frequent if its
+        usage is at least the mean of the non-zero usages of its head; flags are sticky (an expert flagged
+        at an earlier task stays flagged), as in the authors' code. A head with no counts at all flags
+        nothing (the authors' code flags every expert there; see ``docs/fidelity.md``).
         """
         used = self.usage > 0
         n_used = used.sum(dim=-1, keepdim=True)
         mean_nonzero = (self.usage * used).sum(dim=-1, keepdim=True) / n_used.clamp_min(1)
-        self.frequent.copy_(used & (self.usage >= mean_nonzero))
+        self.frequent.logical_or_(used & (self.usage >= mean_nonzero))
         self.key_snapshot.copy_(_full(self.keys.detach()))
         self.has_snapshot.fill_(True)
 
     def router_loss(self) -> torch.Tensor:
-        """Router loss of the last sparse routing (NOTES):
-        ``sum_heads sum_{i in top-K} CE(routing scores, i)``, averaged over the batch.
+        """Router loss of the last sparse training forward, as the authors compute it.
 
-        The routing scores include the adaptive noise when it applied, so the loss pushes the router
-        towards the experts it actually selected.
+        With the raw routing scores ``s`` ``(B, H, E)``, the ``K`` experts selected with the noisy scores
+        ``idx`` and their mask ``m``, and ``range = max s - min s`` (not differentiated)::
+
+            loss = mean_b sum_h sum_{i in idx[b, h]} CE(s[b, h] + noise_eps * (1 - m[b, h]) * range[b, h], i)
+
+        The margin ``noise_eps * range`` on the unselected experts asks the selected ones to win by it. An
+        empty batch gives 0.
 
         Raises:
-            RuntimeError: no sparse routing happened yet (or the last one was dense).
+            RuntimeError: no sparse training forward happened yet (or the last forward was dense or in
+                evaluation mode).
         """
         if self._last_scores is None or self._last_indices is None:
-            raise RuntimeError("router_loss() needs a sparse forward first (none yet, or the last one was dense)")
+            raise RuntimeError(
+                "router_loss() needs a sparse forward in training mode first (none yet, or the last one was "
+                "dense or in evaluation mode)"
+            )
         s, idx = self._last_scores, self._last_indices  # (B, H, E), (B, H, K)
-        log_p = s.log_softmax(dim=-1)
-        return -log_p.gather(-1, idx).sum(dim=(1, 2)).mean()
+        unselected = torch.ones_like(s).scatter_(-1, idx, 0.0)
+        spread = (s.amax(dim=-1, keepdim=True) - s.amin(dim=-1, keepdim=True)).detach()
+        log_p = (s + self.noise_eps * unselected * spread).log_softmax(dim=-1)
+        return -log_p.gather(-1, idx).sum() / max(s.shape[0], 1)
 
     def prototype_loss(self) -> torch.Tensor:
-        """Prototype loss: the snapshot keys of frequent experts ``P`` are prototypes, and
-        ``CE(P . K_now^T, argmax(P . K_old^T))`` keeps each prototype closest to the expert it matched
-        (summed over heads, averaged over the prototypes of a head). Zero before any :meth:`end_task`
-        or when no expert is frequent."""
+        """Prototype loss, as the authors compute it.
+
+        The snapshot keys of a head's frequent experts are its prototypes ``P`` ``(F, D)``. With the keys
+        now ``K_now`` and at the snapshot ``K_old`` (both ``(E, D)``) and ``t_1..t_K`` the top ``K`` of
+        ``P . K_old^T`` per prototype::
+
+            loss = sum_heads sum_{i < K} mean_prototypes CE(P . K_now^T, t_i)
+
+        Zero before any :meth:`end_task`; a head without frequent experts adds 0.
+        """
         if not bool(self.has_snapshot) or not bool(self.frequent.any()):
             return torch.zeros((), device=self.key_snapshot.device)
-        keys = _full(self.keys)
-        old = self.key_snapshot
-        logits_now = old @ keys.transpose(-1, -2)  # (H, E, E): every old key against the keys now
+        keys = _full(self.keys).float()
+        old = self.key_snapshot.float()
+        log_p = (old @ keys.transpose(-1, -2)).log_softmax(dim=-1)  # (H, E, E): every old key against the keys now
         with torch.no_grad():
-            target = (old @ old.transpose(-1, -2)).argmax(dim=-1)  # (H, E): the expert each prototype matched
-        ce = F.cross_entropy(logits_now.flatten(0, 1), target.flatten(), reduction="none").view(self.num_heads, -1)
+            targets = (old @ old.transpose(-1, -2)).topk(self.top_k, dim=-1).indices  # (H, E, K)
+        ce = -log_p.gather(-1, targets).sum(dim=-1)  # (H, E): summed over the K targets
         mask = self.frequent.to(ce.dtype)
-        per_head = (ce * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1)
-        return per_head.sum()
+        return ((ce * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1)).sum()
 
     def extra_repr(self) -> str:
         gate = "" if self.gate is None else f", gate={type(self.gate).__name__}"
@@ -316,11 +385,19 @@ def smope_factory(
 
 
 def smope_layers(model: nn.Module) -> list[SMoPE]:
-    """Every :class:`SMoPE` in ``model`` (through DDP / ``torch.compile`` wrappers too), in module order."""
+    """Every :class:`SMoPE` in ``model`` (through DDP / ``torch.compile`` wrappers too), in module order.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (a patched model), got {type(model).__name__}")
     return [m for m in model.modules() if isinstance(m, SMoPE)]
 
 
 def _require(model: nn.Module, what: str) -> list[SMoPE]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: model must be an nn.Module (a patched model), got {type(model).__name__}")
     layers = smope_layers(model)
     if not layers:
         raise ValueError(f"{what}: the model has no norga.SMoPE; patch it with patch_vit(..., prompt=smope_factory())")
@@ -330,8 +407,9 @@ def _require(model: nn.Module, what: str) -> list[SMoPE]:
 def smope_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(router_loss, prototype_loss)`` summed over every SMoPE layer of ``model``.
 
-    The router loss of layers whose last forward was dense (warm-up) is skipped; if every layer was
-    dense it is 0. Weight them as the authors do (``mu`` about 1e-5 and 1e-5 to 1e-4).
+    Layers whose last forward was not a sparse training forward (dense warm-up, evaluation) add no router
+    loss; if no layer has one it is 0. Weight them as the authors do: router and prototype ``mu`` 1e-5 and
+    1e-5 in their CIFAR-100 script, 1e-5 and 5e-5 for CUB-200, 5e-5 to 1e-4 for ImageNet-R.
     """
     layers = _require(model, "smope_losses")
     router = [m.router_loss() for m in layers if m._last_scores is not None]
@@ -340,13 +418,116 @@ def smope_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.stack(router).sum() if router else zero), torch.stack(proto).sum()
 
 
+@contextmanager
+def count_usage(model: nn.Module) -> Iterator[None]:
+    """Count expert usage as the authors do: an evaluation pass over the task's training data.
+
+    Inside the block the model is in evaluation mode and gradients are off, and every forward adds, per
+    SMoPE layer, head and expert, how often the expert is among the top ``K`` of the raw (noise-free)
+    routing scores to ``usage``. On exit the modules' training modes are restored. Call
+    :func:`end_task` after it::
+
+        with norga.count_usage(model):
+            for x, _ in train_loader:      # the task's training data
+                model(x)
+        norga.end_task(model)              # frequent experts, key snapshot
+
+    Under DDP pass the unwrapped model (``ddp.module``) and call it: a forward through the wrapper would
+    first overwrite every rank's counts with rank 0's (DDP's buffer synchronisation); then
+    :func:`norga.distributed.sync_smope_usage` sums the ranks' counts.
+
+    Raises:
+        ValueError: the model has no SMoPE layer, or it is a ``DistributedDataParallel`` wrapper.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "count_usage: pass the model inside DistributedDataParallel (ddp.module) and call it in the block; "
+            "a forward through the wrapper overwrites every rank's usage counts with rank 0's"
+        )
+    layers = _require(model, "count_usage")
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for m in layers:
+        m.counting = True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for layer in layers:
+            layer.counting = False
+        for module, training in modes:
+            module.training = training
+
+
+class Phase(NamedTuple):
+    """One phase of a task's training: ``dense`` routing or not, for ``epochs`` epochs."""
+
+    dense: bool
+    epochs: int
+
+
+def training_phases(task: int, epochs: int) -> list[Phase]:
+    """The authors' SMoPE schedule for one task: build a fresh optimizer and schedule for each phase.
+
+    On the first task (``task == 0``) a dense warm-up of ``int(epochs / 2)`` epochs, then ``epochs`` sparse
+    epochs; on later tasks ``epochs`` sparse epochs. A phase of 0 epochs is left out::
+
+        for phase in norga.smope.training_phases(task, epochs):
+            norga.set_dense(model, phase.dense)
+            optimizer = torch.optim.Adam(params, lr=lr)  # fresh for each phase, as the authors reset it
+            for epoch in range(phase.epochs):
+                ...
+
+    Raises:
+        TypeError: ``task`` or ``epochs`` is not an int.
+        ValueError: ``task < 0`` or ``epochs < 1``.
+    """
+    _non_negative_int("task", task)
+    _positive_int("epochs", epochs)
+    phases = [Phase(True, epochs // 2)] if task == 0 else []
+    return [p for p in [*phases, Phase(False, epochs)] if p.epochs > 0]
+
+
 def end_task(model: nn.Module) -> None:
-    """Call :meth:`SMoPE.end_task` on every SMoPE layer of ``model``."""
-    for m in _require(model, "end_task"):
+    """Close the current task for every norga prompt module of ``model``.
+
+    * every :class:`SMoPE`: :meth:`SMoPE.end_task` (frequent experts, key snapshot; run
+      :func:`count_usage` over the task's data first);
+    * every :class:`norga.PrefixPool`: :meth:`norga.PrefixPool.end_task` (prompt momentum write-back of
+      the active task; nothing without momentum).
+
+    Everything is checked before anything changes.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: the model has neither an SMoPE layer nor a prefix pool, or a pool with momentum has
+            per-sample task ids set.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"end_task: model must be an nn.Module (a patched model), got {type(model).__name__}")
+    layers = smope_layers(model)
+    pools = prefix_pools(model)
+    if not layers and not pools:
+        raise ValueError(
+            "end_task: the model has no norga.SMoPE layer and no norga.PrefixPool; patch it with "
+            "patch_vit(..., prompt=smope_factory()) or patch_vit(..., prompt=PrefixPool(...))"
+        )
+    for pool in pools:
+        pool._check_end_task(None)
+    for m in layers:
         m.end_task()
+    for pool in pools:
+        pool.end_task()
 
 
 def set_dense(model: nn.Module, dense: bool = True) -> None:
-    """Switch every SMoPE layer of ``model`` to dense routing (all experts; warm-up) or back to top-K."""
+    """Switch every SMoPE layer of ``model`` to dense routing (all experts; warm-up) or back to top-K.
+
+    Raises:
+        TypeError: ``dense`` is not a bool.
+        ValueError: the model has no SMoPE layer.
+    """
+    if not isinstance(dense, bool):
+        raise TypeError(f"set_dense: dense must be a bool, got {type(dense).__name__} ({dense!r})")
     for m in _require(model, "set_dense"):
-        m.dense = bool(dense)
+        m.dense = dense

@@ -59,7 +59,7 @@ def test_roundtrip_pool_gates_head_gives_identical_outputs(tmp_path):
     tasks = torch.tensor([0, 2, 1, 1, 0])
     with norga.use_task(a, tasks), norga.use_task(b, tasks), torch.no_grad():
         ya = a(_x())
-        assert not torch.allclose(ya, b(_x()))  # a different init really differs
+        assert not torch.equal(ya, b(_x()))  # a different init differs: the equality after loading means something
         params_before = {n: p for n, p in b.named_parameters()}
         result = load_prompts(b, path)
         yb = b(_x())
@@ -133,8 +133,7 @@ def test_metadata(tmp_path):
 def test_smope_roundtrip_with_buffers(tmp_path):
     path = tmp_path / "s.safetensors"
     a = smope_model(1)
-    a.train()
-    with torch.no_grad():
+    with norga.count_usage(a):
         a(_x(6))
     norga.end_task(a)
     a(_x(3))
@@ -144,7 +143,7 @@ def test_smope_roundtrip_with_buffers(tmp_path):
     save_prompts(a, path)
     b = smope_model(2).eval()
     with torch.no_grad():
-        assert not torch.allclose(a(_x()), b(_x()))
+        assert not torch.equal(a(_x()), b(_x()))
         load_prompts(b, path)
         assert torch.equal(a(_x()), b(_x()))
     for ma, mb in zip(layers_a, norga.smope_layers(b)):

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from tolerance import assert_within, gamma, tol, unit_roundoff
 from torch import nn
 
 from norga.cl import (
@@ -17,6 +19,7 @@ from norga.cl import (
     NearestClassMean,
     align_classifier,
     class_order,
+    contrastive_regularization,
     cumulative_average,
     final_average,
     forgetting,
@@ -200,19 +203,22 @@ ACC = [
 # CA = (90 + (92 + 85) / 2 + (70 + 75 + 95) / 3) / 3   = (90 + 88.5 + 80) / 3 = 258.5 / 3 = 86.1666...
 # FM = ((max(90, 92) - 70) + (85 - 75)) / 2             = (22 + 10) / 2 = 16.0
 FA, CA, FM = 80.0, 258.5 / 3, 16.0
+# float64 means of at most 3 values, of 3 row means, a max and a difference: at most 7 roundings of
+# positive terms, and the hand value's own (258.5 / 3)
+METRICS = {"rel": gamma(torch.float64, 8), "abs": 0}
 
 
 def test_metrics_hand_computed_3x3() -> None:
-    assert final_average(ACC) == pytest.approx(FA)
-    assert cumulative_average(ACC) == pytest.approx(CA)
-    assert forgetting(ACC) == pytest.approx(FM)
+    assert final_average(ACC) == pytest.approx(FA, **METRICS)
+    assert cumulative_average(ACC) == pytest.approx(CA, **METRICS)
+    assert forgetting(ACC) == pytest.approx(FM, **METRICS)
 
 
 def test_metrics_ignore_upper_triangle_of_tensor() -> None:
     acc = torch.tensor([[90.0, 1e6, -1e6], [92.0, 85.0, NAN], [70.0, 75.0, 95.0]])
-    assert final_average(acc) == pytest.approx(FA)
-    assert cumulative_average(acc) == pytest.approx(CA)
-    assert forgetting(acc) == pytest.approx(FM)
+    assert final_average(acc) == pytest.approx(FA, **METRICS)
+    assert cumulative_average(acc) == pytest.approx(CA, **METRICS)
+    assert forgetting(acc) == pytest.approx(FM, **METRICS)
 
 
 def test_metrics_single_task() -> None:
@@ -226,14 +232,14 @@ def test_accuracy_matrix_class() -> None:
     for t, row in enumerate(ACC):
         for j in range(t + 1):
             m.update(t, j, row[j])  # type: ignore[arg-type]
-    assert m.final_average() == pytest.approx(FA)
-    assert m.cumulative_average() == pytest.approx(CA)
-    assert m.forgetting() == pytest.approx(FM)
+    assert m.final_average() == pytest.approx(FA, **METRICS)
+    assert m.cumulative_average() == pytest.approx(CA, **METRICS)
+    assert m.forgetting() == pytest.approx(FM, **METRICS)
     # After task 1 only: [[90], [92, 85]].
     # FA = 88.5; CA = (90 + 88.5) / 2 = 89.25; FM = 90 - 92 = -2 (task 0 improved).
-    assert m.final_average(after_task=1) == pytest.approx(88.5)
-    assert m.cumulative_average(after_task=1) == pytest.approx(89.25)
-    assert m.forgetting(after_task=1) == pytest.approx(-2.0)
+    assert m.final_average(after_task=1) == pytest.approx(88.5, **METRICS)
+    assert m.cumulative_average(after_task=1) == pytest.approx(89.25, **METRICS)
+    assert m.forgetting(after_task=1) == pytest.approx(-2.0, **METRICS)
     assert m.forgetting(after_task=0) == 0.0
     assert m.to_list() == ACC
     assert json.loads(json.dumps(m.to_list())) == ACC
@@ -291,10 +297,22 @@ def test_class_statistics_match_numpy_over_batches() -> None:
     assert stats.classes == [1, 3, 5]
     for c in (1, 3, 5):
         xc = x[y == c].astype(np.float64)
-        assert stats.count(c) == len(xc)
-        np.testing.assert_allclose(stats.mean(c).numpy(), xc.mean(0), rtol=1e-12)
-        # ddof = 1: unbiased covariance, np.cov's default.
-        np.testing.assert_allclose(stats.covariance(c).numpy(), np.cov(xc, rowvar=False, ddof=1), rtol=1e-9, atol=1e-9)
+        n = len(xc)
+        assert stats.count(c) == n
+        # Both sides in float64 from the same (float32) values. The mean: n terms (numpy), or batch means and
+        # Chan merges (4 batches, ~5 roundings each): gamma_{2n + 21} of max |x|, which is ~1000.
+        x64 = torch.from_numpy(xc)
+        mean_err = tol(torch.float64, 2 * n + 21, float(x64.abs().max()))
+        assert_within(stats.mean(c), torch.from_numpy(xc.mean(0)), mean_err)
+        # The covariance: each centred value d = x - mean carries the means' error and its rounding (e_d);
+        # the scatter sums n products d_i d_j (and the merges' outer products): per side
+        # sum_k (|d_ki| + |d_kj|) e_d + gamma_{n+8} sum_k |d_ki d_kj|, divided by n - 1 (ddof = 1, np.cov's).
+        d = (x64 - x64.mean(0)).abs()
+        e_d = mean_err + tol(torch.float64, 2, float(d.max()))
+        s1 = d.sum(0)
+        scatter = e_d * (s1[:, None] + s1[None, :]) + tol(torch.float64, n + 8, 1.0) * (d.T @ d)
+        want = torch.from_numpy(np.cov(xc, rowvar=False, ddof=1))
+        assert_within(stats.covariance(c), want, 2 * scatter / (n - 1) + unit_roundoff(torch.float64) * want.abs())
     assert stats.count(0) == 0
 
 
@@ -325,9 +343,14 @@ def test_class_statistics_sample_converges_and_is_seeded() -> None:
     drawn = feats[labels == 0].double().numpy()
     target_mean = x.mean(0)
     target_cov = np.cov(x, rowvar=False) + 1e-4 * np.eye(4)
-    scale = np.sqrt(np.diag(target_cov))
-    np.testing.assert_allclose(drawn.mean(0), target_mean, atol=0.05 * scale.max())
-    np.testing.assert_allclose(np.cov(drawn, rowvar=False), target_cov, atol=0.05 * target_cov.max())
+    # Sampling error, not rounding: n = 20000 draws give a mean with standard error sqrt(diag(cov) / n) and a
+    # covariance with standard error sqrt((cov_ij^2 + cov_ii cov_jj) / (n - 1)) (normal data). 7 standard
+    # errors: a draw outside has probability below 1e-11 per entry under the model (the seeded draw is fixed).
+    n = len(drawn)
+    var = np.diag(target_cov)
+    np.testing.assert_array_less(np.abs(drawn.mean(0) - target_mean), 7 * np.sqrt(var / n))
+    cov_se = np.sqrt((target_cov**2 + np.outer(var, var)) / (n - 1))
+    np.testing.assert_array_less(np.abs(np.cov(drawn, rowvar=False) - target_cov), 7 * cov_se)
 
     again, _ = stats.sample([4, 0], 20000, torch.Generator().manual_seed(0), shrinkage=1e-4)
     other, _ = stats.sample([4, 0], 20000, torch.Generator().manual_seed(1), shrinkage=1e-4)
@@ -342,9 +365,10 @@ def test_class_statistics_sample_singular_covariance() -> None:
     stats.update(torch.stack([t, 2 * t, -t], dim=1), torch.zeros(20, dtype=torch.long))
     feats, _ = stats.sample([0], 100, torch.Generator().manual_seed(0), shrinkage=1e-4)
     assert bool(feats.isfinite().all())
-    # Orthogonal to the line (1, 2, -1), only the shrinkage noise (std 0.01) remains.
+    # Orthogonal to the line (1, 2, -1), only the shrinkage noise (std sqrt(1e-4) = 0.01) remains: 100 draws
+    # stay within 10 standard deviations (a normal draw beyond has probability 1.5e-23).
     off_line = feats.double() @ torch.tensor([2.0, -1.0, 0.0], dtype=torch.float64) / math.sqrt(5)
-    assert float(off_line.abs().max()) < 0.1
+    assert float(off_line.abs().max()) < 10 * math.sqrt(1e-4)
 
 
 def test_class_statistics_errors() -> None:
@@ -460,18 +484,34 @@ def test_align_classifier_first_step_matches_hand_written_loss(variant: str) -> 
     # The same pool: the first draw of a generator seeded alike (the shuffle does not change a mean loss).
     x, y = stats.sample([1, 3], 16, torch.Generator().manual_seed(4))
     target = (y == 3).long()  # local index: class 1 -> 0, class 3 -> 1
-    w = w0[[1, 3]].clone().requires_grad_(True)
-    b = b0[[1, 3]].clone().requires_grad_(True)
-    z = x @ w.T + b
-    if variant == "norm":  # z / (||z|| * tau)
-        z = z / ((z.pow(2).sum(1, keepdim=True).sqrt() + 1e-7) * tau)
-    elif variant == "grouped":  # z / (mean(|z_1|, |z_3|) * tau): one class per group
-        z = z / ((z.abs().mean(1, keepdim=True) + 1e-7) * tau)
-    loss = -torch.log_softmax(z, dim=1).gather(1, target[:, None]).mean()
-    loss.backward()
-    torch.testing.assert_close(head.weight[[1, 3]], w0[[1, 3]] - lr * w.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(head.bias[[1, 3]], b0[[1, 3]] - lr * b.grad, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(head.weight[[1, 3]], w0[[1, 3]])
+
+    def normalise(z: torch.Tensor) -> torch.Tensor:
+        if variant == "norm":  # z / (||z|| * tau)
+            return z / ((z.pow(2).sum(-1, keepdim=True).sqrt() + 1e-7) * tau)
+        if variant == "grouped":  # z / (mean(|z_1|, |z_3|) * tau): one class per group
+            return z / ((z.abs().mean(-1, keepdim=True) + 1e-7) * tau)
+        return z
+
+    # the step in float64 on the same float32 values
+    x64 = x.double()
+    w = w0[[1, 3]].double().requires_grad_(True)
+    b = b0[[1, 3]].double().requires_grad_(True)
+    z = x64 @ w.T + b
+    zn = normalise(z)
+    (-torch.log_softmax(zn, dim=1).gather(1, target[:, None]).mean()).backward()
+    new_w, new_b = w0[[1, 3]].double() - lr * w.grad, b0[[1, 3]].double() - lr * b.grad
+    # The float32 step: each sample's gradient is a chain of at most 48 roundings (the 8-term logits, the
+    # normalisation, the log-softmax and their backward) on terms within the envelope
+    # |d zn / d z|^T (p + onehot) |x| (float64 here, first order); the mean over the N samples adds N; the
+    # update lr * g and w0 - ... two more roundings of the new weights.
+    p = torch.softmax(zn, dim=1).detach() + F.one_hot(target, 2).double()
+    jac = torch.func.vmap(torch.func.jacrev(normalise))(z.detach())  # (N, 2, 2): d zn_i / d z_i
+    envelope = (jac.abs().transpose(1, 2) @ p.unsqueeze(-1))[..., 0]  # (N, 2)
+    g_err = tol(torch.float32, 48 + len(x), 1.0) / len(x)
+    u = unit_roundoff(torch.float32)
+    assert_within(head.weight[[1, 3]], new_w, lr * g_err * (envelope.T @ x64.abs()) + 2 * u * new_w.abs())
+    assert_within(head.bias[[1, 3]], new_b, lr * g_err * envelope.sum(0) + 2 * u * new_b.abs())
+    assert not torch.equal(head.weight[[1, 3]], w0[[1, 3]])
 
 
 def test_align_classifier_is_deterministic_under_generator() -> None:
@@ -545,9 +585,18 @@ def test_nearest_class_mean_matches_numpy_reference(metric: str) -> None:
     if metric == "cosine":
         xn = x / np.linalg.norm(x, axis=1, keepdims=True)
         mn = means / np.linalg.norm(means, axis=1, keepdims=True)
-        ref = np.argmax(xn @ mn.T, axis=1)
+        scores = xn @ mn.T
+        # float64 on both sides: two norms (F squares each, a sqrt, a division) and a dot product of F
+        # terms whose absolute values sum to at most 1
+        err = gamma(torch.float64, 3 * x.shape[1] + 6)
     else:
-        ref = np.argmin(((x[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+        scores = -((x[:, None, :] - means[None]) ** 2).sum(-1)
+        # F squared differences summed (and torch's sqrt, monotone): gamma_{F+3} of the largest distance
+        err = gamma(torch.float64, x.shape[1] + 3) * float(np.abs(scores).max())
+    ref = np.argmax(scores, axis=1)
+    # the winner beats the runner-up by more than both sides' rounding: the argmax is the same on any CPU
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 2 * err
     assert ncm.predict_class(torch.from_numpy(x)).tolist() == (np.asarray(classes)[ref]).tolist()
 
 
@@ -596,3 +645,55 @@ def test_task_id_accuracy() -> None:
         task_id_accuracy(torch.tensor([0, 1]), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="at least one sample, got 0"):
         task_id_accuracy(torch.tensor([]), torch.tensor([]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Contrastive regularisation (the authors' orth_loss)
+# --------------------------------------------------------------------------------------------------
+def _contrastive_ref(features: torch.Tensor, prototypes: torch.Tensor | None, temperature: float) -> float:
+    """Theirs: M = [prototypes; features]; mean_i (logsumexp_j(m_i . m_j / T) - m_i . m_i / T), float64 loops."""
+    rows = [r.double() for r in ([] if prototypes is None else list(prototypes))] + [r.double() for r in features]
+    total = 0.0
+    for i, mi in enumerate(rows):
+        sims = torch.stack([(mi * mj).sum() / temperature for mj in rows])
+        total += float(torch.logsumexp(sims, 0) - sims[i])
+    return total / len(rows)
+
+
+def test_contrastive_regularization_hand_checked() -> None:
+    f = torch.eye(2)  # two orthogonal unit features, temperature 1: each row's CE is log(e + 1) - 1
+    got = contrastive_regularization(f, temperature=1.0)
+    # exact similarities; float32 exp (1 ulp) of values <= e, a 2-term sum, a log (1 ulp), the subtraction
+    # and the mean: a few roundings of values <= e + 1, 12 u in all
+    assert math.isclose(got.item(), math.log(math.e + 1) - 1, rel_tol=0, abs_tol=tol(torch.float32, 12))
+
+
+@pytest.mark.parametrize("with_prototypes", [False, True])
+def test_contrastive_regularization_matches_reference(with_prototypes: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(6, 5, generator=g, requires_grad=True)
+    protos = torch.randn(4, 5, generator=g) if with_prototypes else None
+    got = contrastive_regularization(f, protos, temperature=0.8)
+    want = _contrastive_ref(f.detach(), protos, 0.8)
+    # float32: similarities are dot products of length 5 and a division (gamma_6 of sum |m_i| |m_j| / T); a
+    # row's log-sum-exp over its R similarities moves with them and adds R + 6 roundings (exp, log: 1 ulp)
+    # of values <= |lse|; its CE subtracts one more similarity; the mean over R rows adds gamma_R of the CEs
+    m = (f.detach() if protos is None else torch.cat([protos, f.detach()])).double()
+    rows = len(m)
+    ds = tol(torch.float32, 6, float((m.abs() @ m.abs().T).max()) / 0.8)
+    lse = float(torch.logsumexp(m @ m.T / 0.8, dim=1).abs().max())
+    u = unit_roundoff(torch.float32)
+    bound = 2 * ds + u * (rows + 6 + 3 * lse) + tol(torch.float32, rows, want)
+    assert math.isclose(got.item(), want, rel_tol=0, abs_tol=bound)
+    got.backward()
+    assert f.grad is not None and f.grad.abs().sum() > 0
+
+
+def test_contrastive_regularization_errors() -> None:
+    with pytest.raises(TypeError, match="features must be a floating tensor"):
+        contrastive_regularization(torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="prototypes must have C=2 columns"):
+        contrastive_regularization(torch.ones(3, 2), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        contrastive_regularization(torch.ones(3, 2), temperature=0.0)
+    assert contrastive_regularization(torch.ones(0, 2)).item() == 0.0

@@ -4,7 +4,7 @@ One spawn (module fixture) runs every scenario; each rank writes what it observe
 tests compare the ranks here. Scenarios:
 
 * DDP + PrefixPool + NoRGa gates (no ``find_unused_parameters``; inactive tasks' prompts present);
-* DDP + SMoPE with ``broadcast_buffers=False`` and :func:`norga.distributed.sync_smope_usage`;
+* DDP + SMoPE, counting passes on the unwrapped model and :func:`norga.distributed.sync_smope_usage`;
 * FSDP2 ``fully_shard`` + PrefixPool + NoRGa gates (scalar gate parameters ignored by FSDP and reduced
   with :func:`norga.distributed.all_reduce_grads`).
 """
@@ -17,6 +17,7 @@ import traceback
 
 import pytest
 import torch
+from tolerance import tol
 
 pytestmark = pytest.mark.slow
 
@@ -119,18 +120,29 @@ def _scenario_ddp_smope(rank: int, outdir: str) -> dict:
     for name, p in model.named_parameters():
         p.requires_grad_(".prompt." in name or name.startswith("head"))
     layers = norga.smope_layers(model)
-    counted = [torch.zeros_like(m.usage) for m in layers]  # independent count from the routed indices
+    counted = [torch.zeros_like(m.usage) for m in layers]  # independent count: top-K of the raw routing scores
 
     def hook(i):
         def record(module, args, out):
-            if module.training and not module.dense:
-                counted[i] += F.one_hot(out.indices, module.num_experts).sum(dim=(0, 2)).to(counted[i].dtype)
+            if module.counting:
+                q = args[0].double()
+                keys = module.keys.detach().double()
+                s = torch.einsum("bhd,hed->bhe", q.mean(dim=2), keys)
+                top = s.topk(module.top_k, dim=-1).indices
+                counted[i] += F.one_hot(top, module.num_experts).sum(dim=(0, 2)).to(counted[i].dtype)
+                # SMoPE's float32 scores pick the same top-K on any CPU: the K-th and (K+1)-th scores are further
+                # apart than two scores' float32 errors (a mean of N queries and a D-term dot product)
+                err = tol(torch.float32, q.shape[2] + q.shape[3] + 2) * torch.einsum(
+                    "bhd,hed->bhe", q.abs().mean(dim=2), keys.abs()
+                )
+                kth = s.topk(module.top_k + 1, dim=-1).values
+                assert (kth[..., -2] - kth[..., -1] > 2 * err.amax(-1)).all(), "a near tie: the top-K is not determined"
 
         return record
 
     for i, m in enumerate(layers):
         m.register_forward_hook(hook(i))
-    ddp = DDP(model, broadcast_buffers=False)
+    ddp = DDP(model)  # DDP's default buffer synchronisation: training does not change usage
     sync_smope_usage(ddp)  # baseline: the zero counts every rank shares
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
 
@@ -143,8 +155,21 @@ def _scenario_ddp_smope(rank: int, outdir: str) -> dict:
             (loss + 1e-3 * router + 1e-3 * proto).backward()
             opt.step()
 
+    def count(first_step: int) -> None:  # the authors' counting pass, each rank over its own training data
+        with norga.count_usage(model):
+            for step in range(first_step, first_step + STEPS):
+                model(_data(rank, step)[0])
+
     out: dict = {}
+    try:
+        with norga.count_usage(ddp):
+            pass
+        out["ddp_count_error"] = None
+    except ValueError as e:
+        out["ddp_count_error"] = str(e)
     train(0)
+    out["usage_after_training"] = [m.usage.clone() for m in layers]
+    count(0)
     out["usage_before_sync_1"] = [m.usage.clone() for m in layers]
     out["counted_1"] = [c.clone() for c in counted]
     sync_smope_usage(ddp)
@@ -153,6 +178,7 @@ def _scenario_ddp_smope(rank: int, outdir: str) -> dict:
     out["frequent"] = [m.frequent.clone() for m in layers]
     out["snapshot"] = [m.key_snapshot.clone() for m in layers]
     train(10)  # second task: adaptive noise is on, counts accumulate on top of the synced ones
+    count(10)
     out["counted_2"] = [c.clone() for c in counted]
     sync_smope_usage(ddp)
     out["usage_after_sync_2"] = [m.usage.clone() for m in layers]
@@ -234,13 +260,20 @@ def _scenario_fsdp2_smope(rank: int, outdir: str) -> dict:
             (loss + 1e-3 * router + 1e-1 * proto).backward()
             opt.step()
 
+    def count(first_step: int) -> None:
+        with norga.count_usage(model):
+            for step in range(first_step, first_step + STEPS):
+                model(_data(rank, step)[0])
+
     train(0)
+    count(0)
     sync_smope_usage(model)
     norga.end_task(model)  # snapshots the full (gathered) keys on every rank
     out["snapshot"] = [m.key_snapshot.clone() for m in layers]
     out["keys_at_end"] = [m.keys.full_tensor().detach().clone() for m in layers]
     out["proto_at_snapshot"] = float(norga.smope_losses(model)[1])
     train(10)
+    count(10)
     sync_smope_usage(model)
     out["usage"] = [m.usage.clone() for m in layers]
     out["frequent"] = [m.frequent.clone() for m in layers]
@@ -301,10 +334,12 @@ def test_ddp_gradients_are_the_mean_of_local_gradients(ranks):
     }
     for name in r0["synced"]:
         # different data per rank: the local gradients differ ...
-        assert not torch.allclose(r0["local"][name], r1["local"][name]), name
+        assert not torch.equal(r0["local"][name], r1["local"][name]), name
         expected = (r0["local"][name] + r1["local"][name]) / 2
-        # ... and DDP's are their mean, identical on both ranks
-        torch.testing.assert_close(r0["synced"][name], expected, rtol=1e-5, atol=1e-7)
+        # ... and DDP's are their mean, identical on both ranks. Bit for bit: the synced pass makes the local
+        # pass's operations on the same values, and with two ranks the all-reduce is one addition per element
+        # (the same whichever rank adds) and dividing by 2, before or after it, is exact.
+        assert torch.equal(r0["synced"][name], expected), name
         assert torch.equal(r0["synced"][name], r1["synced"][name]), name
     pool = r0["synced"]["prompt_pool.prompts"]
     assert torch.count_nonzero(pool[1]) > 0
@@ -340,7 +375,8 @@ def test_smope_usage_is_reduced_across_ranks(ranks):
         total = r0["counted_1"][i] + r1["counted_1"][i]
         assert torch.equal(r0["usage_after_sync_1"][i], total)
         assert torch.equal(r1["usage_after_sync_1"][i], total)
-        # every sparse selection of every sample was counted once: B * steps * ranks * K per head
+        assert not r0["usage_after_training"][i].any()  # training steps do not count
+        # every sample of the counting passes counted once: B * steps * ranks * K per head
         assert torch.equal(total.sum(dim=-1), torch.full((4,), 4.0 * STEPS * 2 * 2))
         # end_task on identical counts and keys: identical frequent experts and snapshots
         assert torch.equal(r0["frequent"][i], r1["frequent"][i])
@@ -349,6 +385,11 @@ def test_smope_usage_is_reduced_across_ranks(ranks):
         total2 = r0["counted_2"][i] + r1["counted_2"][i]
         assert torch.equal(r0["usage_after_sync_2"][i], total2)
         assert torch.equal(r1["usage_after_sync_2"][i], total2)
+
+
+def test_count_usage_refuses_the_ddp_wrapper(ranks):
+    for r in _get(ranks, "ddp_smope"):
+        assert r["ddp_count_error"] is not None and "ddp.module" in r["ddp_count_error"]
 
 
 def test_sync_smope_usage_refuses_disagreeing_ranks_without_baseline(ranks):
@@ -364,8 +405,8 @@ def test_fsdp2_shards_the_pool_and_keeps_ranks_identical(ranks):
     assert r0["local_pool_shape"][0] + r1["local_pool_shape"][0] == 3  # 3 tasks split over 2 ranks
     assert r0["gates"] == 4
     for a, b, s0, s1 in zip(r0["gate_local"], r1["gate_local"], r0["gate_synced"], r1["gate_synced"]):
-        assert not torch.allclose(a, b)
-        torch.testing.assert_close(s0, (a + b) / 2, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(a, b)
+        assert torch.equal(s0, (a + b) / 2)  # one addition per element and an exact halving (see the DDP test)
         assert torch.equal(s0, s1)
     assert torch.equal(r0["pool_grad"], r1["pool_grad"])
     for name in r0["final"]:
@@ -373,11 +414,14 @@ def test_fsdp2_shards_the_pool_and_keeps_ranks_identical(ranks):
 
 
 def test_fsdp2_matches_ddp(ranks):
-    """Same model, data and optimizer: FSDP2 and DDP end at the same parameters (up to reduction order)."""
+    """Same model, data and optimizer: FSDP2 and DDP end at the same parameters, bit for bit. With two ranks
+    every reduction (all-reduce or reduce-scatter) is one addition per element and the averaging an exact
+    halving; the all-gathered parameters are exact copies, so every step makes the same operations on the
+    same values (the SGD update runs the same kernel on a shard as on the whole tensor)."""
     ddp, _ = _get(ranks, "ddp_pool")
     fsdp, _ = _get(ranks, "fsdp2_pool")
     for name in ddp["final"]:
-        torch.testing.assert_close(fsdp["final"][name], ddp["final"][name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(fsdp["final"][name], ddp["final"][name]), name
 
 
 def test_fsdp2_prompts_save_full_tensors(ranks):

@@ -251,3 +251,109 @@ def test_freeze_gates_needs_a_gate() -> None:
     model, _ = _model(gate=None)
     with pytest.raises(ValueError, match="no NoRGaGate"):
         norga.freeze_gates(model)
+
+
+# --------------------------------------------------------------------------- prompt momentum (NoRGa / HiDe-Prompt)
+def _blend_ref(prompts: torch.Tensor, t: int, layer: int, m: float) -> torch.Tensor:
+    """Theirs: (1 - m) * P_t + m * mean(P_0 .. P_{t-1}), in float64 with an explicit sum."""
+    p = prompts.detach().double()
+    mean = sum(p[j, layer] for j in range(t)) / t
+    return (1 - m) * p[t, layer] + m * mean
+
+
+def test_momentum_blends_the_prompt_in_training_only() -> None:
+    pool = norga.PrefixPool(num_tasks=T, num_layers=LAYERS, length=L, dim=DIM, momentum=0.25)
+    pool.set_task(2)
+    for layer in range(LAYERS):
+        key, value = pool.select(layer, batch=3)[:2]
+        expected = _blend_ref(pool.prompts, 2, layer, 0.25)
+        # float32: one multiply-add and a mean of 2 values per element, |P| <= 1: a few eps
+        tol = 8 * torch.finfo(torch.float32).eps
+        torch.testing.assert_close(key.double(), expected[0], rtol=0, atol=tol)
+        torch.testing.assert_close(value.double(), expected[1], rtol=0, atol=tol)
+    # the gradient reaches P_t only, scaled by 1 - m; the mean of the earlier tasks is detached
+    key, value = pool.select(0, batch=3)[:2]
+    (key.sum() + 2 * value.sum()).backward()
+    grad = pool.prompts.grad
+    assert grad is not None
+    assert torch.equal(grad[:2], torch.zeros_like(grad[:2])) and torch.equal(grad[3], torch.zeros_like(grad[3]))
+    torch.testing.assert_close(grad[2, 0, 0], torch.full((L, DIM), 0.75), rtol=0, atol=0)
+    torch.testing.assert_close(grad[2, 0, 1], torch.full((L, DIM), 1.5), rtol=0, atol=0)
+    assert torch.equal(grad[2, 1], torch.zeros_like(grad[2, 1]))
+    # no blend: evaluation mode, task 0, per-sample task ids
+    pool.eval()
+    assert torch.equal(pool.select(0, 3).key, pool.prompts[2, 0, 0])
+    pool.train()
+    pool.set_task(0)
+    assert torch.equal(pool.select(0, 3).key, pool.prompts[0, 0, 0])
+    pool.set_task(torch.tensor([2, 1, 3]))
+    assert torch.equal(pool.select(1, 3).key[0], pool.prompts[2, 1, 0])
+
+
+def test_momentum_in_a_patched_model_changes_training_outputs_only() -> None:
+    model, pool = _model()
+    plain = copy.deepcopy(model)
+    pool.momentum = 0.5
+    norga.set_task(model, 1)
+    norga.set_task(plain, 1)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    plain.train()
+    assert not torch.allclose(model(x), plain(x))
+    model.eval()
+    plain.eval()
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+def test_end_task_writes_the_blend_back() -> None:
+    model, pool = _model()
+    pool.momentum = 0.01
+    before = pool.prompts.detach().clone()
+    norga.set_task(model, 0)
+    norga.end_task(model)  # task 0: nothing to blend with
+    assert torch.equal(pool.prompts, before)
+    norga.set_task(model, 3)
+    norga.end_task(model)
+    expected = torch.stack([_blend_ref(before, 3, layer, 0.01) for layer in range(LAYERS)])
+    tol = 8 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(pool.prompts[3].double(), expected, rtol=0, atol=tol)
+    assert torch.equal(pool.prompts[:3], before[:3])
+    # what training used for task 3 is what evaluation now uses
+    pool.prompts.data.copy_(before)
+    pool.train()
+    used = pool.select(1, 2).key.detach().clone()
+    pool.end_task(3)
+    pool.eval()
+    torch.testing.assert_close(pool.select(1, 2).key, used, rtol=0, atol=0)
+    off = norga.PrefixPool(num_tasks=T, num_layers=LAYERS, length=L, dim=DIM)  # momentum 0: nothing
+    snapshot = off.prompts.detach().clone()
+    off.set_task(2)
+    off.end_task()
+    assert torch.equal(off.prompts, snapshot)
+
+
+def test_end_task_errors_change_nothing() -> None:
+    model, pool = _model()
+    pool.momentum = 0.01
+    before = pool.prompts.detach().clone()
+    norga.set_task(model, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="per-sample task ids are set"):
+        norga.end_task(model)
+    with pytest.raises(ValueError, match=r"task must be in \[0, 4\), got 7"):
+        pool.end_task(7)
+    with pytest.raises(TypeError, match="task must be an int"):
+        pool.end_task(2.0)  # type: ignore[arg-type]
+    pool.freeze_tasks_before(3)
+    with pytest.raises(ValueError, match="task 2 is frozen"):
+        pool.end_task(2)
+    assert torch.equal(pool.prompts, before)
+    with pytest.raises(ValueError, match="no norga.SMoPE layer and no norga.PrefixPool"):
+        norga.end_task(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    "momentum, err", [(-0.1, ValueError), (1.5, ValueError), ("0.01", TypeError), (True, TypeError)]
+)
+def test_momentum_argument_checks(momentum, err) -> None:
+    with pytest.raises(err, match="momentum must"):
+        norga.PrefixPool(num_tasks=T, num_layers=LAYERS, length=L, dim=DIM, momentum=momentum)

@@ -118,18 +118,95 @@ def test_noise_moves_training_selection_and_not_evaluation():
     assert not torch.equal(noisy.indices.sort(-1).values, clean.sort(-1).values)
 
 
-def test_usage_counts_every_training_selection():
-    m = _smope().train()
-    seen = torch.zeros(HEADS, E)
-    for _ in range(3):
-        p = m(torch.randn(4, HEADS, 5, HD))
+def _eval_route_ref(q, keys, usage):
+    """The authors' evaluation routing: an expert with count 0 scores s - 2 * (max s - min s), per (b, h)."""
+    _, s = _route_ref(q, keys)
+    sel = []
+    for b in range(q.shape[0]):
+        row = []
+        for h in range(q.shape[1]):
+            penalty = [2.0 if usage[h, j] == 0 else 0.0 for j in range(keys.shape[1])]
+            spread = s[b, h].max() - s[b, h].min()
+            routed = [s[b, h, j] - penalty[j] * spread for j in range(keys.shape[1])]
+            row.append(sorted(range(len(routed)), key=lambda j: -routed[j].item())[:K])
+        sel.append(row)
+    return sel
+
+
+def test_evaluation_excludes_never_used_experts():
+    m = _smope().eval()
+    q = torch.randn(6, HEADS, 5, HD)
+    clean = m(q).indices
+    # all counts 0: nothing changes
+    assert torch.equal(m(q).indices, clean)
+    # head 0: only experts 0..K (K + 1 of them) used; head 1: two used, so K - 2 never-used experts fill in;
+    # head 2: every expert used; head 3: no counts at all
+    m.usage[0, : K + 1] = torch.arange(1.0, K + 2)
+    m.usage[1, :2] = 5.0
+    m.usage[2] = 1.0
+    got = m(q).indices
+    sel = _eval_route_ref(q, m.keys.detach(), m.usage)
+    for b in range(6):
         for h in range(HEADS):
-            seen[h] += torch.bincount(p.indices[:, h].flatten(), minlength=E)
-    torch.testing.assert_close(m.usage, seen)
-    assert m.usage.sum() == 3 * 4 * HEADS * K
+            assert sorted(got[b, h].tolist()) == sorted(sel[b][h])
+        assert set(got[b, 0].tolist()) <= set(range(K + 1))  # only used experts
+        assert {0, 1} <= set(got[b, 1].tolist())  # the used ones first, then the best never-used ones
+        assert torch.equal(got[b, 2].sort().values, clean[b, 2].sort().values)
+        assert torch.equal(got[b, 3].sort().values, clean[b, 3].sort().values)
+    assert not torch.equal(got[:, 0].sort(-1).values, clean[:, 0].sort(-1).values)  # the rule did something
+    m.train()  # training routes with the adaptive noise only, whatever the counts
+    sel_train, _ = _route_ref(q, m.keys.detach(), m.frequent, eps=m.noise_eps)
+    assert [[sorted(r) for r in row] for row in m(q).indices.tolist()] == [
+        [sorted(r) for r in row] for row in sel_train
+    ]
+
+
+def test_training_forwards_do_not_count():
+    m = _smope().train()
+    m(torch.randn(4, HEADS, 5, HD))
     m.eval()
     m(torch.randn(4, HEADS, 5, HD))
-    torch.testing.assert_close(m.usage, seen)  # evaluation does not count
+    assert m.usage.sum() == 0
+
+
+def test_count_usage_counts_noise_free_top_k_in_evaluation_mode():
+    model = torch.nn.Sequential(_smope())
+    m = model[0]
+    model.train()
+    m.usage[:, :2] = 1.0  # counts from an earlier task: the evaluation rule now changes the selection
+    start = m.usage.clone()
+    expected = start.clone()
+    batches = [torch.randn(4, HEADS, 5, HD) for _ in range(3)]
+    with norga.count_usage(model):
+        assert not m.training and not torch.is_grad_enabled()
+        for q in batches:
+            before = m.usage.clone()
+            p = m(q)
+            # the selection of this batch used the counts of the earlier batches only
+            sel = _eval_route_ref(q, m.keys.detach(), before)
+            assert [[sorted(r) for r in row] for row in p.indices.tolist()] == [[sorted(r) for r in row] for row in sel]
+            raw, _ = _route_ref(q, m.keys.detach())  # what is counted: the top-K of the raw scores
+            for b in range(q.shape[0]):
+                for h in range(HEADS):
+                    for j in raw[b][h]:
+                        expected[h, j] += 1
+            torch.testing.assert_close(m.usage, expected, rtol=0, atol=0)
+    assert m.training and not m.counting and torch.is_grad_enabled()  # restored
+    assert float(m.usage.sum() - start.sum()) == 3 * 4 * HEADS * K
+    m(batches[0])
+    torch.testing.assert_close(m.usage, expected, rtol=0, atol=0)  # outside the block: no counting
+
+
+def test_count_usage_restores_modes_on_error_and_needs_smope():
+    model = torch.nn.Sequential(_smope(), torch.nn.Dropout()).train()
+    model[1].eval()
+    with pytest.raises(RuntimeError, match="boom"):
+        with norga.count_usage(model):
+            raise RuntimeError("boom")
+    assert model.training and model[0].training and not model[1].training and not model[0].counting
+    with pytest.raises(ValueError, match="no norga.SMoPE"):
+        with norga.count_usage(torch.nn.Linear(2, 2)):
+            pass
 
 
 def test_end_task_marks_frequent_experts_and_snapshots_keys():
@@ -146,55 +223,128 @@ def test_end_task_marks_frequent_experts_and_snapshots_keys():
     assert torch.equal(m.key_snapshot, m.keys.detach()) and bool(m.has_snapshot)
 
 
+def test_frequent_flags_are_sticky():
+    m = _smope()
+    m.usage[0] = torch.tensor([4.0, 0, 2, 6, 0, 0, 1, 0, 0, 3])
+    m.end_task()  # mean 16/5: experts 0 and 3
+    m.usage[0] += torch.tensor([0.0, 20, 0, 0, 0, 0, 0, 0, 0, 0])  # the next task counts expert 1 a lot
+    m.end_task()  # mean 36/6 = 6: experts 1 and 3 by count; expert 0 (4 < 6) stays flagged
+    assert m.frequent[0].nonzero().flatten().tolist() == [0, 1, 3]
+
+
+def _router_loss_ref(s, idx, eps):
+    """Theirs: mean_b sum_h sum_{i in idx} CE(s + eps * (1 - mask) * (max s - min s), i), float64 loops."""
+    B, H, E_ = s.shape
+    total = 0.0
+    for b in range(B):
+        for h in range(H):
+            spread = s[b, h].max() - s[b, h].min()
+            z = torch.stack([s[b, h, j] + (0.0 if j in idx[b][h] else eps * spread) for j in range(E_)])
+            for i in idx[b][h]:
+                total += torch.logsumexp(z, 0) - z[i]
+    return total / B
+
+
 def test_router_loss_matches_reference_and_has_gradients():
     m = _smope(noise_eps=0.5).train()
     m.frequent[:, :3] = True
     q = torch.randn(4, HEADS, 5, HD)
     p = m(q)
     loss = m.router_loss()
-    _, s = _route_ref(q, m.keys.detach())
-    noisy = s - 0.5 * (s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True)) * m.frequent.double()
-    expected = 0.0
-    for b in range(4):
-        for h in range(HEADS):
-            logp = noisy[b, h] - torch.logsumexp(noisy[b, h], 0)
-            expected += -sum(logp[i] for i in p.indices[b, h].tolist())
-    assert math.isclose(loss.item(), expected / 4, rel_tol=1e-5)
+    sel, s = _route_ref(q, m.keys.detach(), m.frequent, eps=0.5)  # the selection uses the noisy scores
+    assert [[sorted(r) for r in row] for row in p.indices.tolist()] == [[sorted(r) for r in row] for row in sel]
+    expected = _router_loss_ref(s, sel, 0.5)
+    # float32 scores (dot products of length 8 of values ~1) and a log-softmax over E = 10 columns: relative
+    # error a few float32 eps per term, summed over H * K = 12 terms of the same sign
+    assert math.isclose(loss.item(), float(expected), rel_tol=50 * torch.finfo(torch.float32).eps)
     loss.backward()
     assert m.keys.grad is not None and m.keys.grad.abs().sum() > 0
 
 
-def test_router_loss_needs_a_sparse_forward():
+def test_router_loss_margin_on_a_hand_checked_case():
+    # one sample, one head, E = 3, K = 1, mean query (1, 0): s = (3, 1, 0), range 3, eps 0.5.
+    m = SMoPE(2, 1, num_experts=3, top_k=1, noise_eps=0.5).train()
+    with torch.no_grad():
+        m.keys.copy_(torch.tensor([[[3.0, 0.0], [1.0, 0.0], [0.0, 0.0]]]))
+    m(torch.tensor([[[[1.0, 0.0]]]]))
+    # expert 0 selected; the others get + 0.5 * 3: z = (3, 2.5, 1.5), loss = log(e^3 + e^2.5 + e^1.5) - 3
+    expected = math.log(math.exp(3) + math.exp(2.5) + math.exp(1.5)) - 3
+    assert math.isclose(m.router_loss().item(), expected, rel_tol=10 * torch.finfo(torch.float32).eps)
+    # without the margin it would be log(e^3 + e^1 + 1) - 3, which is smaller
+    assert expected > math.log(math.exp(3) + math.exp(1) + 1) - 3
+
+
+def test_router_loss_of_an_empty_batch_is_zero():
+    m = _smope().train()
+    m(torch.randn(0, HEADS, 5, HD))
+    loss = m.router_loss()
+    assert loss.item() == 0.0 and math.isfinite(loss.item())
+
+
+def test_router_loss_needs_a_sparse_training_forward():
     m = _smope()
-    with pytest.raises(RuntimeError, match="sparse forward"):
+    with pytest.raises(RuntimeError, match="sparse forward in training mode"):
         m.router_loss()
+    m.eval()
+    m(torch.randn(2, HEADS, 5, HD))
+    with pytest.raises(RuntimeError, match="sparse forward in training mode"):
+        m.router_loss()
+
+
+def _prototype_loss_ref(old, now, frequent, top_k):
+    """Theirs, per head: sum_{i<K} mean over prototypes P (old keys of frequent experts) of
+    CE(P . K_now^T, i-th of top-K(P . K_old^T)); summed over heads. float64 loops."""
+    total = 0.0
+    for h in range(old.shape[0]):
+        protos = [j for j in range(old.shape[1]) if frequent[h, j]]
+        if not protos:
+            continue
+        for i in range(top_k):
+            ces = []
+            for j in protos:
+                logits = torch.stack([(old[h, j] * now[h, e]).sum() for e in range(old.shape[1])])
+                sim_old = torch.stack([(old[h, j] * old[h, e]).sum() for e in range(old.shape[1])])
+                target = sorted(range(old.shape[1]), key=lambda e: -sim_old[e].item())[i]
+                ces.append(torch.logsumexp(logits, 0) - logits[target])
+            total += sum(ces) / len(ces)
+    return total
 
 
 def test_prototype_loss():
     m = _smope()
     assert m.prototype_loss().item() == 0.0  # before any end_task
     m.usage[:, :4] = torch.tensor([5.0, 3.0, 1.0, 4.0])
+    m.usage[2] = 0.0  # a head without frequent experts adds nothing
     m.end_task()
     at_snapshot = m.prototype_loss()
-    # independent reference: CE(P . K_now^T, argmax P . K_old^T) over frequent experts, mean per head, sum over heads
     old = m.key_snapshot.double()
-    expected = 0.0
-    for h in range(HEADS):
-        protos = [j for j in range(E) if m.frequent[h, j]]
-        ces = []
-        for j in protos:
-            logits = torch.stack([(old[h, j] * m.keys[h, e].double()).sum() for e in range(E)])
-            target = int(torch.stack([(old[h, j] * old[h, e]).sum() for e in range(E)]).argmax())
-            ces.append(torch.logsumexp(logits, 0) - logits[target])
-        expected += sum(ces) / len(ces)
+    expected = _prototype_loss_ref(old, m.keys.detach().double(), m.frequent, K)
+    # float32: dot products of length 8 of values in [0, 1) and log-softmax over E = 10, K * HEADS terms
+    tol = 50 * torch.finfo(torch.float32).eps
     assert math.isfinite(at_snapshot.item())
-    assert math.isclose(at_snapshot.item(), float(expected.detach()), rel_tol=1e-5)
+    assert math.isclose(at_snapshot.item(), float(expected), rel_tol=tol)
+    argmax_only = _prototype_loss_ref(old, m.keys.detach().double(), m.frequent, 1)
+    assert at_snapshot.item() > float(argmax_only) * 1.5  # K targets, not only the argmax
     with torch.no_grad():
         m.keys.copy_(m.keys.flip(1) + 0.5 * torch.randn_like(m.keys))  # keys move away from the snapshot
     moved = m.prototype_loss()
-    assert moved.item() > at_snapshot.item()
+    assert math.isclose(
+        moved.item(), float(_prototype_loss_ref(old, m.keys.detach().double(), m.frequent, K)), rel_tol=tol
+    )
     moved.backward()
     assert m.keys.grad is not None and m.keys.grad.abs().sum() > 0
+
+
+def test_training_phases():
+    P = norga.smope.Phase
+    assert norga.smope.training_phases(0, 10) == [P(True, 5), P(False, 10)]
+    assert norga.smope.training_phases(0, 3) == [P(True, 1), P(False, 3)]
+    assert norga.smope.training_phases(0, 1) == [P(False, 1)]  # int(1 / 2) = 0 dense epochs
+    assert norga.smope.training_phases(4, 10) == [P(False, 10)]
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        norga.smope.training_phases(0, 0)
+    with pytest.raises(TypeError, match="task must be an int"):
+        norga.smope.training_phases(0.0, 2)
 
 
 def test_dense_warm_up_uses_every_expert():
@@ -208,9 +358,11 @@ def test_dense_warm_up_uses_every_expert():
 
 def test_state_dict_round_trip():
     m = _smope().train()
-    for _ in range(2):
-        m(torch.randn(4, HEADS, 5, HD))
+    with norga.count_usage(m):
+        for _ in range(2):
+            m(torch.randn(4, HEADS, 5, HD))
     m.end_task()
+    assert m.usage.sum() > 0 and m.frequent.any()
     buf = io.BytesIO()
     torch.save(m.state_dict(), buf)
     buf.seek(0)
@@ -242,6 +394,9 @@ def test_patch_vit_default_layers_and_model_helpers():
     router, proto = norga.smope_losses(model)
     assert proto.item() == 0.0
     torch.testing.assert_close(router, sum(m.router_loss() for m in layers))
+    with norga.count_usage(model):
+        model(torch.randn(4, 3, 32, 32))
+    assert model.training and all(m.usage.sum() == 4 * 3 * 2 for m in layers)  # B * H * K per layer
     norga.end_task(model)
     assert all(bool(m.has_snapshot) for m in layers)
     router, proto = norga.smope_losses(model)
@@ -308,13 +463,18 @@ def test_q_must_be_a_float_tensor():
 @pytest.mark.slow
 def test_compiles_fullgraph():
     model = norga.patch_vit(_tiny_vit(depth=6), prompt=norga.smope_factory(num_experts=8, top_k=3))
+    layers = norga.smope_layers(model)
     model.train()
     x = torch.randn(2, 3, 32, 32)
     eager = model(x)
-    usage = [m.usage.clone() for m in norga.smope_layers(model)]
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(x)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
-    for before, m in zip(usage, norga.smope_layers(model)):
-        torch.testing.assert_close(m.usage, 2 * before)  # the buffer update happens in the compiled graph too
     assert F.mse_loss(out, torch.zeros_like(out)).isfinite()
+    with norga.count_usage(model):
+        model(x)
+    usage = [m.usage.clone() for m in layers]
+    with norga.count_usage(model):
+        compiled(x)
+    for before, m in zip(usage, layers):
+        torch.testing.assert_close(m.usage, 2 * before)  # the counting happens in the compiled graph too
