@@ -19,7 +19,16 @@ from .gates import NoRGaGate
 from .migrate import load_norga_checkpoint, load_smope_checkpoint
 from .patch import attention_layers, patch_vit, patched_layers, supported_families, unpatch_vit
 from .prompts import PoolPrompt, PrefixPool, PrefixPrompt, set_task, use_task
-from .smope import SMoPE, SMoPEFactory, end_task, set_dense, smope_factory, smope_layers, smope_losses
+from .smope import (
+    SMoPE,
+    SMoPEFactory,
+    count_usage,
+    end_task,
+    set_dense,
+    smope_factory,
+    smope_layers,
+    smope_losses,
+)
 
 __version__ = "0.1.0"
 
@@ -34,6 +43,7 @@ __all__ = [
     "SMoPE",
     "SMoPEFactory",
     "attention_layers",
+    "count_usage",
     "end_task",
     "freeze_gates",
     "patch_vit",

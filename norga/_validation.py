@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import NoReturn
 
 import torch
 
 __all__ = [
+    "fail",
+    "refuse_torchscript",
     "check_attention_inputs",
     "check_int",
     "check_mask",
@@ -123,3 +126,24 @@ def check_prefix_dims(batch: object, num_heads: object, head_dim: object, num_qu
     check_int("head_dim", head_dim, 1)
     if num_queries is not None:
         check_int("num_queries", num_queries, 0)
+
+
+def refuse_torchscript(module: object) -> NoReturn:
+    """``__prepare_scriptable__`` of norga's modules: ``torch.jit.script`` calls it first, on every submodule."""
+    raise NotImplementedError(
+        f"norga: TorchScript is not supported ({type(module).__name__} cannot be scripted). Use torch.export.export"
+        "(model, (x,)) or torch.compile(model) instead (both work with prompts), or norga.unpatch_vit(model) to "
+        "script the plain timm model"
+    )
+
+
+def fail(error: Exception) -> NoReturn:
+    """Raise ``error`` from a forward; inside ``torch.compile`` first a graph break that carries its message.
+
+    Dynamo reports an exception raised in a ``fullgraph=True`` region as "Observed exception" and keeps the
+    message in its debug context; a graph break with the message puts it in the error's explanation.
+    Without ``fullgraph`` the break runs the rest eagerly, which raises ``error`` itself.
+    """
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=f"norga: {type(error).__name__}: {error}")
+    raise error

@@ -16,11 +16,21 @@ from typing import Any, Optional, Type
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
-from ._validation import check_mask
-from .functional import BACKENDS, Prefix, PrefixLike, attention_bias, normalize_prefix, prefix_attention
+from ._validation import check_mask, refuse_torchscript
+from .functional import (
+    BACKENDS,
+    Prefix,
+    PrefixLike,
+    attention_bias,
+    is_traced,
+    merge_heads,
+    normalize_prefix,
+    prefix_attention,
+    split_qkv,
+)
+from .functional import _traced as traced_prefix_attention
 from .gates import NoRGaGate, resolve_gate
 
 try:  # timm >= 1.0
@@ -43,6 +53,8 @@ class PrefixAttentionMixin:
         backend: Backend of :func:`norga.functional.prefix_attention` used when ``fused_attn`` is
             True; with ``fused_attn`` False the readable ``"math"`` path runs.
     """
+
+    __prepare_scriptable__ = refuse_torchscript
 
     # Provided by the timm attention class the mixin is combined with.
     num_heads: int
@@ -68,6 +80,8 @@ class PrefixAttentionMixin:
             prefix = self.prompt(q)
         if prefix is None:
             return None
+        if is_traced(q):  # torch.fx: shapes are symbolic, prompts hand out (B or 1, H, L, D) already
+            return prefix if isinstance(prefix, Prefix) else Prefix(*prefix)
         return normalize_prefix(prefix, q.shape[0], q.shape[1], q.shape[3], num_queries=q.shape[2])
 
     def _attend(
@@ -87,10 +101,14 @@ class PrefixAttentionMixin:
             attn_mask: Float bias or boolean mask over the token keys (SDPA semantics).
             is_causal: Causal masking over the tokens (prefix columns stay visible).
         """
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if is_traced(q):  # torch.fx: mask and is_causal may be graph inputs, shapes are symbolic
+            p = self._resolve_prefix(q, prefix)
+            gate = self.prefix_gate
+            return traced_prefix_attention(q, k, v, p, gate, self.scale, attn_mask, is_causal, dropout_p)
         check_mask("attn_mask", attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
         if is_causal and attn_mask is not None:
             raise ValueError("attn_mask and is_causal=True are mutually exclusive")
-        dropout_p = self.attn_drop.p if self.training else 0.0
         p = self._resolve_prefix(q, prefix)
         if p is None:
             if self.fused_attn:
@@ -198,7 +216,7 @@ class PrefixMoEAttention(PrefixAttentionMixin, _TimmAttention):  # type: ignore[
         is_causal: bool = False,
         prefix: PrefixLike | None = None,
     ) -> torch.Tensor:
-        """Attend over ``[prefix; x]``.
+        """Attend over ``[prefix; x]``; with no prefix and no prompt, timm's own forward.
 
         Args:
             x: Tokens ``(B, N, dim)``.
@@ -207,6 +225,21 @@ class PrefixMoEAttention(PrefixAttentionMixin, _TimmAttention):  # type: ignore[
             prefix: ``(key, value)`` or :class:`norga.Prefix`; if ``None`` the attached ``prompt`` (if any)
                 supplies it, else this is plain attention.
         """
+        if not is_traced(x):
+            self._check_input(x, attn_mask, is_causal)
+        if prefix is None and self.prompt is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        timm_gate = getattr(self, "gate", None)  # timm's output gate (gated=True), not the prefix gate
+        out_gate = timm_gate(x).sigmoid() if timm_gate is not None else None
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        o = merge_heads(self._attend(q, k, v, prefix, attn_mask, is_causal))
+        o = self.norm(o)
+        if out_gate is not None:
+            o = o * out_gate
+        return self.proj_drop(self.proj(o))
+
+    def _check_input(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor (B, N, dim), got {type(x).__name__}")
         width = self.qkv.in_features
@@ -219,17 +252,9 @@ class PrefixMoEAttention(PrefixAttentionMixin, _TimmAttention):  # type: ignore[
                 f"x has dtype {x.dtype} but the layer's weights are {self.qkv.weight.dtype}; cast one of them "
                 "or run under torch.autocast"
             )
-        B, N, _ = x.shape
-        timm_gate = getattr(self, "gate", None)  # timm's output gate (gated=True), not the prefix gate
-        out_gate = timm_gate(x).sigmoid() if timm_gate is not None else None
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        o = self._attend(q, k, v, prefix, attn_mask, is_causal)
-        o = rearrange(o, "b h n d -> b n (h d)")
-        o = self.norm(o)
-        if out_gate is not None:
-            o = o * out_gate
-        return self.proj_drop(self.proj(o))
+        check_mask("attn_mask", attn_mask, (x.shape[0], self.num_heads, x.shape[1], x.shape[1]))
+        if is_causal and attn_mask is not None:
+            raise ValueError("attn_mask and is_causal=True are mutually exclusive")
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, fused_attn={self.fused_attn}, {self._prefix_repr()}"

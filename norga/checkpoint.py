@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Union
@@ -58,6 +59,9 @@ FORMAT = "norga.prompts"
 #: Version of the file layout; bumped on incompatible changes.
 FORMAT_VERSION = 1
 _META_KEY = "norga"
+# the metadata fields load_prompts reads
+_META_FIELDS = ("model_name", "layers", "pool", "tensors")
+_LAYER_FIELDS = ("index", "name", "class", "prompt", "gate")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -252,23 +256,42 @@ def save_prompts(
     Returns:
         The metadata written to the file's header.
 
+    The file is written next to ``path`` under a temporary name and renamed into place, so an existing
+    file is replaced whole or not at all.
+
     Raises:
-        ValueError: the model is not patched, or ``include_head`` and it has no classifier.
-        TypeError: ``path`` or ``model_name`` has the wrong type.
+        ValueError: the model is not patched, ``include_head`` and it has no classifier, or the directory
+            of ``path`` does not exist.
+        TypeError: ``path``, ``include_head`` or ``model_name`` has the wrong type.
     """
     from safetensors.torch import save_file
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not isinstance(include_head, bool):
+        raise TypeError(f"include_head must be a bool, got {type(include_head).__name__} ({include_head!r})")
     if model_name is not None and not isinstance(model_name, str):
         raise TypeError(f"model_name must be a str or None, got {type(model_name).__name__}")
+    target = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise ValueError(f"path: the directory {folder!r} of {os.fspath(path)!r} does not exist; create it first")
+    if os.path.isdir(target):
+        raise ValueError(f"path: {os.fspath(path)!r} is a directory, expected a file name")
     inner = unwrap_model(model)
     tensors = prompt_state_dict(inner, include_head=include_head)
     _, head = _norga_prefixes(inner, include_head)
     meta = _metadata(inner, tensors, head, model_name or _model_name(inner))
     # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
     out = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(out, os.fspath(path), metadata={"format": FORMAT, _META_KEY: json.dumps(meta)})
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".norga-", suffix=".safetensors.tmp")
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata={"format": FORMAT, _META_KEY: json.dumps(meta)})
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return meta
 
 
@@ -296,12 +319,28 @@ def read_prompt_metadata(path: PathLike) -> dict[str, Any]:
             f"{os.fspath(path)!r} is a safetensors file but not a norga prompt checkpoint "
             f"(header format {header.get('format')!r}, expected {FORMAT!r}); write one with norga.save_prompts"
         )
-    meta = json.loads(header[_META_KEY])
+    try:
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{os.fspath(path)!r}: the norga metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{os.fspath(path)!r}: the norga metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{os.fspath(path)!r} has norga checkpoint format version {meta.get('format_version')!r}; "
             f"this norga reads version {FORMAT_VERSION}"
         )
+    problems = [f"no field {k!r}" for k in _META_FIELDS if k not in meta]
+    if not problems:
+        layers, tensors = meta["layers"], meta["tensors"]
+        if not isinstance(layers, list) or not all(
+            isinstance(x, dict) and set(_LAYER_FIELDS) <= set(x) for x in layers
+        ):
+            problems.append(f"'layers' must be a list of objects with the fields {list(_LAYER_FIELDS)}")
+        if not isinstance(tensors, dict) or not all(isinstance(t, dict) and "shape" in t for t in tensors.values()):
+            problems.append("'tensors' must map each key to an object with a 'shape'")
+    if problems:
+        raise ValueError(f"{os.fspath(path)!r}: damaged norga metadata: " + "; ".join(problems))
     return meta
 
 

@@ -42,14 +42,15 @@ autocast disabled for those steps), and return the dtype of ``v``.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union, cast
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, NamedTuple, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 from ._validation import check_attention_inputs, check_prefix_dims, shape_str
-from .gates import NoRGaGate
+from .gates import NoRGaGate, resolve_gate
 
 __all__ = [
     "Prefix",
@@ -87,6 +88,36 @@ class Prefix(NamedTuple):
 
 PrefixLike = Union[Prefix, "tuple[torch.Tensor, torch.Tensor]"]
 Gate = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def is_traced(t: object) -> bool:
+    """Whether ``t`` is a ``torch.fx`` proxy: symbolic tracing, where shapes and values are unknown."""
+    return isinstance(t, torch.fx.Proxy)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    """``(B, N, 3 * H * D)`` from a fused qkv projection to ``q, k, v``, each ``(B, H, N, D)`` (timm's layout)."""
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(B, N, H * D)`` to ``(B, H, N, D)``."""
+    return t.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, D)`` to ``(B, N, H * D)``."""
+    return o.transpose(1, 2).flatten(2)
+
+
+def prefix_heads(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A prefix tensor ``(1 or B, L, H * D)`` in head space ``(1 or B, H, L, D)``, heads taken from ``q``.
+
+    Prompt modules use it so that what they hand to a layer needs no reshaping there (and traces under
+    ``torch.fx``, where the layer cannot inspect shapes).
+    """
+    return t.unflatten(-1, (q.shape[1], q.shape[3])).transpose(1, 2)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -178,7 +209,7 @@ def prefix_scores(
     q: torch.Tensor, prefix_key: torch.Tensor, scale: float, gate: Gate = None, logits: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Gated prefix scores ``g(scale * q . pk)`` (or ``g(logits)``) in float32, shape ``(B, H, N, L)``."""
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with _float32(q):
         if logits is None:
             # The scale goes on the small (L, D) key rather than on the (N, L) scores.
             s = torch.matmul(q.float(), (prefix_key.float() * scale).transpose(-2, -1))
@@ -188,11 +219,24 @@ def prefix_scores(
     return s.expand(q.shape[0], q.shape[1], q.shape[2], prefix_key.shape[2])
 
 
+def _float32(q: torch.Tensor) -> ContextManager[Any]:
+    """Autocast off (the prefix block and the softmax statistics stay float32); nothing under ``torch.fx``."""
+    return nullcontext() if is_traced(q) else torch.autocast(device_type=q.device.type, enabled=False)
+
+
 def _apply_gate(gate: Gate, s: torch.Tensor) -> torch.Tensor:
     if gate is None:
         return s
     shape = s.shape
-    out = gate(s)
+    if is_traced(s):
+        return gate(s)
+    try:
+        out = gate(s)
+    except RuntimeError as e:  # e.g. an nn.Linear of another width: name the contract, not the matmul
+        raise ValueError(
+            f"gate {type(gate).__name__} failed on prefix scores of shape {shape_str(shape)}: a gate must map a "
+            f"tensor to one of the same shape, elementwise ({e})"
+        ) from e
     if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = shape_str(out) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"gate must be elementwise: expected a tensor of shape {shape_str(shape)}, got {got}")
@@ -233,7 +277,7 @@ def _math(
     scale: float,
     dropout_p: float,
 ) -> torch.Tensor:
-    with torch.autocast(device_type=q.device.type, enabled=False):  # the reference stays float32
+    with _float32(q):  # the reference stays float32
         tok = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
         if bias is not None:
             tok = tok + bias.float()
@@ -617,8 +661,9 @@ def prefix_attention(
         v: Token values ``(B, H, M, D)``.
         prefix: ``None`` (plain attention), a ``(key, value)`` pair or a :class:`Prefix` (see
             :func:`normalize_prefix` for the accepted shapes).
-        gate: Applied elementwise to the ``(B, H, N, L)`` prefix scores; ``None`` is the linear gate of
-            plain prefix tuning.
+        gate: Applied elementwise to the ``(B, H, N, L)`` prefix scores: a callable (e.g. a
+            :class:`~norga.NoRGaGate`), an activation name (``"tanh"``, ``"sigmoid"``, ``"gelu"``: a
+            ``NoRGaGate`` with ``alpha = tau = 1``), or ``None``, the linear gate of plain prefix tuning.
         scale: Score scale, default ``D ** -0.5``.
         attn_bias: Additive float bias over the *token* columns, broadcastable to ``(B, H, N, M)``
             (relative position bias, masks). Prefix columns are never masked.
@@ -628,6 +673,10 @@ def prefix_attention(
     Returns:
         ``(B, H, N, D)`` in the dtype of ``v``.
     """
+    if isinstance(gate, str) or (gate is not None and not callable(gate)):
+        gate = resolve_gate(gate)  # a name, or a clear TypeError
+    if is_traced(q):
+        return _traced(q, k, v, prefix, gate, scale, attn_bias, False, dropout_p)
     check_attention_inputs(q, k, v, attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
     b, h, n, d = q.shape
     if scale is None:
@@ -665,3 +714,49 @@ def prefix_attention(
     if name == "sdpa":
         return _sdpa(q, k, v, g, pk, pv, attn_bias, scale, dropout_p)
     return _merge(q, k, v, g, pv, attn_bias, scale)
+
+
+def _traced(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: PrefixLike | None,
+    gate: Gate,
+    scale: float | None,
+    attn_mask: torch.Tensor | None,
+    is_causal: Any,
+    dropout_p: float,
+) -> torch.Tensor:
+    """Under ``torch.fx`` symbolic tracing: the ``math`` backend, recorded as device-agnostic graph ops.
+
+    Shapes are symbolic, so nothing is validated or dispatched on them, and the prefix must already be in
+    head space ``(1 or B, H, L, D)`` (norga's prompt modules hand it out so). The gate's ops are traced; the
+    mask resolution and the softmax over ``[prefix; tokens]`` are one graph node (:func:`_fx_math`), run
+    with the real mask and ``is_causal`` (timm passes them as graph inputs).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if prefix is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+    p = prefix if isinstance(prefix, Prefix) else Prefix(*prefix)
+    g = prefix_scores(q, p.key, scale, gate, p.logits)
+    return _fx_math(q, k, v, g, p.value, attn_mask, is_causal, scale, dropout_p)
+
+
+@torch.fx.wrap
+def _fx_math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    pv: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    """The ``math`` backend with the mask resolved at run time: a leaf of ``torch.fx`` graphs."""
+    bias = attention_bias(attn_mask, q.shape[2], bool(is_causal), q)
+    return _math(q, k, v, g, pv, bias, scale, dropout_p)

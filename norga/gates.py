@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validation import refuse_torchscript
+
 __all__ = ["NoRGaGate", "ACTIVATIONS", "resolve_gate"]
 
 
@@ -66,6 +68,8 @@ class NoRGaGate(nn.Module):
                 [0., 0., 0.]], grad_fn=<AddBackward0>)
     """
 
+    __prepare_scriptable__ = refuse_torchscript
+
     alpha: torch.Tensor
     tau: torch.Tensor
 
@@ -94,7 +98,9 @@ class NoRGaGate(nn.Module):
             )
         a = torch.tensor(_check_finite("alpha", alpha))
         t = torch.tensor(_check_finite("tau", tau))
-        self.learnable = bool(learnable)
+        if not isinstance(learnable, bool):
+            raise TypeError(f"NoRGaGate: learnable must be a bool, got {type(learnable).__name__} ({learnable!r})")
+        self.learnable = learnable
         if self.learnable:
             self.alpha = nn.Parameter(a)
             self.tau = nn.Parameter(t)
@@ -114,6 +120,8 @@ class NoRGaGate(nn.Module):
             TypeError: ``scores`` is not a floating-point tensor.
             ValueError: a custom activation did not return a tensor of the shape of ``scores``.
         """
+        if isinstance(scores, torch.fx.Proxy):  # symbolic tracing: the plain formula, nothing to check
+            return scores + self.alpha.to(scores.dtype) * self.act(self.tau.to(scores.dtype) * scores)
         if not isinstance(scores, torch.Tensor):
             raise TypeError(f"NoRGaGate: scores must be a torch.Tensor, got {type(scores).__name__}")
         if not scores.is_floating_point():
@@ -182,7 +190,7 @@ class NoRGaGate(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"activation={self.activation_name}, alpha={float(self.alpha):.4g}, tau={float(self.tau):.4g}, "
+            f"activation={self.activation_name}, alpha={self.alpha.item():.4g}, tau={self.tau.item():.4g}, "
             f"learnable={self.learnable}"
         )
 
@@ -194,5 +202,6 @@ def resolve_gate(gate: "NoRGaGate | nn.Module | str | None") -> nn.Module | None
     if isinstance(gate, str):
         return NoRGaGate(gate)
     raise TypeError(
-        f"gate must be None, an nn.Module (e.g. NoRGaGate) or an activation name, got {type(gate).__name__}"
+        f"gate must be None, an nn.Module (e.g. NoRGaGate) or an activation name {sorted(ACTIVATIONS)}, "
+        f"got {type(gate).__name__} ({gate!r})"
     )

@@ -250,7 +250,10 @@ def _check_heads(model: nn.Module, layers: list[int], heads: int, head_dim: int,
             )
 
 
-def _load_head(model: nn.Module, state: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
+def _checked_head(
+    model: nn.Module, state: Mapping[str, torch.Tensor], names: Sequence[str]
+) -> tuple[nn.Linear, torch.Tensor, torch.Tensor | None]:
+    """The model's classifier and the checkpoint's weight and bias for it, checked; nothing is copied yet."""
     get = getattr(model, "get_classifier", None)
     head = get() if get is not None else None
     if not isinstance(head, nn.Linear):
@@ -266,12 +269,15 @@ def _load_head(model: nn.Module, state: Mapping[str, torch.Tensor], names: Seque
                 f"the checkpoint's classifier {name}.weight has shape {tuple(w.shape)}, the model's head "
                 f"{tuple(head.weight.shape)} (create the model with num_classes={w.shape[0]})"
             )
-        with torch.no_grad():
-            head.weight.copy_(w)
-            if b is not None and head.bias is not None:
-                head.bias.copy_(b)
-        return
+        return head, w, b
     raise ValueError(f"include_head=True but the checkpoint has none of {[n + '.weight' for n in names]}")
+
+
+@torch.no_grad()
+def _copy_head(head: nn.Linear, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    head.weight.copy_(w)
+    if b is not None and head.bias is not None:
+        head.bias.copy_(b)
 
 
 def load_norga_checkpoint(
@@ -331,13 +337,14 @@ def load_norga_checkpoint(
             f"activation={activation!r} given but the checkpoint has no e_prompt.act_scale (a HiDe-Prompt "
             "checkpoint: plain prefix tuning, no gate); pass activation=None"
         )
-    if include_head:
-        _load_head(model, state, ["head"])
+    head = _checked_head(model, state, ["head"]) if include_head else None
     pool = PrefixPool(num_tasks, num_layers, length, dim)
     with torch.no_grad():
         pool.prompts.copy_(prompts)
     template = None if gates is None else NoRGaGate(activation, learnable=learnable_gates)  # type: ignore[arg-type]
-    patch_vit(model, gate=template, layers=chosen, prompt=pool, backend=backend)
+    patch_vit(model, gate=template, layers=chosen, prompt=pool, backend=backend)  # checks all, then changes the model
+    if head is not None:
+        _copy_head(*head)
     if gates is not None:
         found = attention_layers(model)
         with torch.no_grad():
@@ -387,14 +394,15 @@ def load_smope_checkpoint(
     heads, num_experts, head_dim = shapes.pop()
     chosen = _layers(model, layers, (0, 1, 2, 3, 4, 5), len(src_layers), "SMoPE experts")
     _check_heads(model, chosen, heads, head_dim, "the SMoPE checkpoint")
-    if include_head:
-        _load_head(model, state, ["last", "head"])
+    head = _checked_head(model, state, ["last", "head"]) if include_head else None
     patch_vit(
         model,
         layers=chosen,
         prompt=smope_factory(num_experts=num_experts, top_k=top_k, noise_eps=noise_eps),
         backend=backend,
-    )
+    )  # checks all, then changes the model
+    if head is not None:
+        _copy_head(*head)
     found = attention_layers(model)
     with torch.no_grad():
         for e, i in zip(src_layers, chosen):

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import copy
 import importlib
+import numbers
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union, cast
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from .attention import PrefixAttentionMixin, PrefixMoEAttention, _TimmAttention
-from .functional import PrefixLike
+from .functional import PrefixLike, merge_heads, split_heads, split_qkv
 from .gates import NoRGaGate
 from .prompts import PrefixPool
 
@@ -80,14 +81,9 @@ def _rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor 
     return q, k
 
 
-def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    return rearrange(t, "b n (h d) -> b h n d", h=heads)
-
-
 def _output(self: Any, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The common tail: merge heads, scale-norm, timm's output gate, projection, dropout."""
-    o = rearrange(o, "b h n d -> b n (h d)")
-    o = self.norm(o)
+    o = self.norm(merge_heads(o))
     if getattr(self, "gate", None) is not None:
         o = o * self.gate(x).sigmoid()
     return self.proj_drop(self.proj(o))
@@ -109,13 +105,11 @@ if _AttentionRope is not None:
             if prefix is None and self.prompt is None:
                 return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
             if self.qkv is not None:
-                q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(
-                    0
-                )
+                q, k, v = split_qkv(self.qkv(x), self.num_heads)
             else:
-                q = _split_heads(self.q_proj(x), self.num_heads)
-                k = _split_heads(self.k_proj(x), self.num_kv_heads)
-                v = _split_heads(self.v_proj(x), self.num_kv_heads)
+                q = split_heads(self.q_proj(x), self.num_heads)
+                k = split_heads(self.k_proj(x), self.num_kv_heads)
+                v = split_heads(self.v_proj(x), self.num_kv_heads)
             q, k = self.q_norm(q), self.k_norm(k)
             q, k = _rope(q, k, v, rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
             groups = getattr(self, "num_kv_groups", 1)
@@ -152,11 +146,11 @@ if _EvaAttention is not None:
                         qkv = self.qkv(x) + qkv_bias
                     else:
                         qkv = nn.functional.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-                q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
+                q, k, v = split_qkv(qkv, self.num_heads)
             else:
-                q = _split_heads(self.q_proj(x), self.num_heads)
-                k = _split_heads(self.k_proj(x), self.num_heads)
-                v = _split_heads(self.v_proj(x), self.num_heads)
+                q = split_heads(self.q_proj(x), self.num_heads)
+                k = split_heads(self.k_proj(x), self.num_heads)
+                v = split_heads(self.v_proj(x), self.num_heads)
             q, k = self.q_norm(q), self.k_norm(k)
             q, k = _rope(q, k, v, rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
             return _output(self, self._attend(q, k, v, prefix, attn_mask, is_causal), x)
@@ -189,14 +183,13 @@ if _BeitAttention is not None:
                     qkv = self.qkv(x) + qkv_bias
                 else:
                     qkv = nn.functional.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-            q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
+            q, k, v = split_qkv(qkv, self.num_heads)
             bias = None
             if self.relative_position_bias_table is not None:
                 bias = self._get_rel_pos_bias()
             if shared_rel_pos_bias is not None:
                 bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
-            o = self._attend(q, k, v, prefix, bias)
-            return self.proj_drop(self.proj(rearrange(o, "b h n d -> b n (h d)")))
+            return self.proj_drop(self.proj(merge_heads(self._attend(q, k, v, prefix, bias))))
 
 else:  # pragma: no cover
     PrefixBeitAttention = None  # type: ignore[assignment,misc]
@@ -215,12 +208,11 @@ if _RelPosAttention is not None:
         ) -> torch.Tensor:
             if prefix is None and self.prompt is None:
                 return super().forward(x, shared_rel_pos=shared_rel_pos)
-            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
+            q, k, v = split_qkv(self.qkv(x), self.num_heads)
             q, k = self.q_norm(q), self.k_norm(k)
             # As timm's fused path: the layer's own relative bias, else the shared one.
             bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
-            o = self._attend(q, k, v, prefix, bias)
-            return self.proj_drop(self.proj(rearrange(o, "b h n d -> b n (h d)")))
+            return self.proj_drop(self.proj(merge_heads(self._attend(q, k, v, prefix, bias))))
 
 else:  # pragma: no cover
     PrefixRelPosAttention = None  # type: ignore[assignment,misc]
@@ -243,21 +235,18 @@ if _SamAttention is not None:
 
             B, H, W, _ = x.shape
             tokens = x.reshape(B, H * W, -1)
-            q, k, v = rearrange(
-                self.qkv(tokens), "b n (three h d) -> three (b h) n d", three=3, h=self.num_heads
-            ).unbind(0)
+            q, k, v = (t.flatten(0, 1) for t in split_qkv(self.qkv(tokens), self.num_heads))  # (B * H, N, D)
             q, k = self.q_norm(q), self.k_norm(k)
             bias = None
             if self.use_rel_pos:
                 bias = get_decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-                bias = rearrange(bias, "(b h) n m -> b h n m", b=B)
+                bias = bias.unflatten(0, (B, -1))
             elif self.rope is not None:
                 rope = self.rope.get_embed()
                 q = apply_rot_embed_cat(q, rope).type_as(v)
                 k = apply_rot_embed_cat(k, rope).type_as(v)
-            q, k, v = (rearrange(t, "(b h) n d -> b h n d", b=B) for t in (q, k, v))
-            o = self._attend(q, k, v, prefix, bias)
-            o = self.proj_drop(self.proj(rearrange(o, "b h n d -> b n (h d)")))
+            q, k, v = (t.unflatten(0, (B, -1)) for t in (q, k, v))
+            o = self.proj_drop(self.proj(merge_heads(self._attend(q, k, v, prefix, bias))))
             return o.view(B, H, W, -1)
 
 else:  # pragma: no cover
@@ -307,7 +296,12 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
     """The supported (or already patched) attention layers of ``model``, in module order.
 
     Their position in this list is the layer index that ``patch_vit(layers=...)`` takes.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attention_layers expects an nn.Module, got {type(model).__name__}")
     patched = set(FAMILIES.values())
     found: list[AttentionLayer] = []
     for name, module in model.named_modules():
@@ -320,6 +314,21 @@ def patched_layers(model: nn.Module) -> list[AttentionLayer]:
     """The layers of ``model`` that :func:`patch_vit` has patched."""
     patched = set(FAMILIES.values())
     return [layer for layer in attention_layers(model) if type(layer.module) in patched]
+
+
+#: Attention-like timm classes norga refuses, with the reason (see docs/families.md).
+REFUSED: dict[str, str] = {
+    "DiffAttention": "differential attention subtracts two softmax maps; where prompt experts would enter it "
+    "(one map, both) is not defined by NoRGa or SMoPE",
+    "ParallelScalingBlock": "attention and MLP share one fused input projection; there is no attention module to patch",
+    "ParallelThingsBlock": "parallel attention branches summed in one block; not patched",
+    "WindowAttention": "windowed attention: the attention batch is samples x windows, so per-sample prompts have "
+    "no meaning",
+}
+
+
+def _refusal(module: nn.Module) -> str | None:
+    return REFUSED.get(type(module).__name__)
 
 
 def _convert(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
@@ -345,6 +354,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+# the model each PrefixPool was attached to by patch_vit (kept out of the pool: a weakref does not pickle)
+_POOL_OWNERS: "weakref.WeakKeyDictionary[PrefixPool, weakref.ref[nn.Module]]" = weakref.WeakKeyDictionary()
+
 LayerSpec = Union[Sequence[int], str, None]
 PromptSpec = Union[PrefixPool, Callable[[int, nn.Module], Optional[nn.Module]], None]
 
@@ -363,9 +375,13 @@ def _select_layers(
             raise ValueError(f"layers must be a sequence of ints, 'all' or None, got {layers!r}")
         return eligible
     try:
-        indices = [int(i) for i in layers]
+        items = list(layers)
     except TypeError as e:
         raise TypeError(f"layers must be a sequence of ints, 'all' or None, got {type(layers).__name__}") from e
+    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if bad:
+        raise TypeError(f"layers must be a sequence of ints, 'all' or None, got {items!r} (not ints: {bad!r})")
+    indices = [int(i) for i in items]
     if len(set(indices)) != len(indices):
         raise ValueError(f"layers has duplicates: {list(layers)}")
     chosen = []
@@ -431,9 +447,11 @@ def patch_vit(
     found = attention_layers(model)
     if not found:
         searched = ", ".join(supported_families())
+        refused = sorted({f"{type(m).__name__} ({why})" for m in model.modules() for why in [_refusal(m)] if why})
+        what = f" It has {'; '.join(refused)}." if refused else ""
         raise ValueError(
-            f"patch_vit: no supported global attention found in {type(model).__name__}; searched for {searched}. "
-            "Windowed/hierarchical models (Swin, MaxViT, PVT, ...) and CNNs are not supported."
+            f"patch_vit: no supported global attention found in {type(model).__name__}.{what} Searched for "
+            f"{searched}. Windowed/hierarchical models (Swin, MaxViT, PVT, ...) and CNNs are not supported."
         )
     if any(type(layer.module) in set(FAMILIES.values()) for layer in found):
         raise ValueError("patch_vit: the model is already patched; call norga.unpatch_vit(model) first")
@@ -460,25 +478,49 @@ def patch_vit(
     if gate is not None and not isinstance(gate, (str, nn.Module)):
         raise TypeError(f"gate must be None, an activation name or an nn.Module, got {type(gate).__name__}")
 
+    if isinstance(prompt, PrefixPool):
+        owner = _POOL_OWNERS.get(prompt)
+        if owner is not None and getattr(owner(), POOL_NAME, None) is prompt:
+            raise ValueError(
+                "patch_vit: this PrefixPool is already attached to another model (its prompt_pool); one pool "
+                "serves one model, or training one would change the other. Give each model its own pool "
+                "(copy.deepcopy(pool) copies the prompts), or unpatch_vit the other model first"
+            )
+        for layer in chosen:
+            if _width(layer.module) != prompt.dim:
+                raise ValueError(
+                    f"the PrefixPool has dim={prompt.dim} but layer {layer.index} ({layer.name}) has width "
+                    f"{_width(layer.module)}"
+                )
+
+    # Build every new module before changing the model: a factory or gate that raises leaves it untouched.
+    replacements = []
     for j, layer in enumerate(chosen):
         module = layer.module
-        width = _width(module)
         if isinstance(prompt, PrefixPool):
-            if prompt.dim != width:
-                raise ValueError(
-                    f"the PrefixPool has dim={prompt.dim} but layer {layer.index} ({layer.name}) has width {width}"
-                )
             layer_prompt: nn.Module | None = prompt.layer(j)
         elif prompt is not None:
             layer_prompt = prompt(layer.index, module)
+            if layer_prompt is not None and not isinstance(layer_prompt, nn.Module):
+                raise TypeError(
+                    f"the prompt factory must return an nn.Module or None, got {type(layer_prompt).__name__} "
+                    f"for layer {layer.index} ({layer.name})"
+                )
         else:
             layer_prompt = None
         new = _convert(module, FAMILIES[type(module)])
         layer_gate = copy.deepcopy(gate) if isinstance(gate, nn.Module) else gate
         cast(PrefixAttentionMixin, new)._init_prefix(layer_gate, layer_prompt, backend)
-        _replace(model, layer.name, new)
+        for added in (new.prefix_gate, new.prompt):  # new prompts and gates follow the layer's mode
+            if isinstance(added, nn.Module):
+                added.train(module.training)
+        replacements.append((layer.name, new))
+    for name, new in replacements:
+        _replace(model, name, new)
     if isinstance(prompt, PrefixPool):
+        prompt.train(model.training)
         model.add_module(POOL_NAME, prompt)
+        _POOL_OWNERS[prompt] = weakref.ref(model)
     return model
 
 
@@ -490,17 +532,24 @@ def unpatch_vit(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model has no patched layer.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch_vit expects an nn.Module, got {type(model).__name__}")
     layers = patched_layers(model)
     if not layers:
         raise ValueError("unpatch_vit: the model has no norga-patched attention layer")
     timm_of = {n: t for t, n in FAMILIES.items()}
+    replacements = []
     for layer in layers:
         old = layer.module
         new = _convert(old, timm_of[type(old)])
         for attr in _NORGA_ATTRS:
             new._modules.pop(attr, None)
             new.__dict__.pop(attr, None)
-        _replace(model, layer.name, new)
-    if isinstance(getattr(model, POOL_NAME, None), PrefixPool):
+        replacements.append((layer.name, new))
+    for name, new in replacements:
+        _replace(model, name, new)
+    pool = getattr(model, POOL_NAME, None)
+    if isinstance(pool, PrefixPool):
         delattr(model, POOL_NAME)
+        _POOL_OWNERS.pop(pool, None)
     return model
