@@ -1,18 +1,33 @@
 import pytest
 import reference as ref
 import torch
+from tolerance import attention_grad_tol, attention_tol, gate_args
 
 from norga import NoRGaGate, Prefix, prefix_attention
 from norga.functional import attention_bias, available_backends, normalize_prefix, select_backend
 
 BACKENDS = ["math", "merge", "sdpa"]
 B, H, N, D, L = 3, 4, 11, 8, 5
+SCALE = D**-0.5
+# Every bound below is tolerance.attention_tol (or attention_grad_tol for gradients): the worst-case error
+# of the float32 evaluation of these very scores and values, against the float64 reference on the same
+# inputs (whose own error is ~1e-16); two float32 paths compared with each other get twice that.
 
 
-def assert_grad_close(got, want):
-    """1e-5 on the gradient's own scale: fp32 accumulation over N + L terms of magnitudes up to |want|."""
-    want = want.double()
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * max(1.0, want.abs().max().item()))
+def assert_grad_close(got, want, bound):
+    """``bound`` from :func:`tolerance.attention_grad_tol`: the float32 backward against float64."""
+    torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=bound)
+
+
+def _leaf_bound(gb, leaf, name):
+    """The gradient bound of one leaf: the head-space bound, or its sum over a broadcast batch."""
+    if name == "qkv":
+        return max(gb["q"], gb["k"], gb["v"])
+    if name in ("pk", "pv"):
+        return gb[name] if leaf.dim() == 4 or (leaf.dim() == 3 and leaf.shape[0] == B) else gb[name + "_batch"]
+    if name == "bias":
+        return gb["bias"] if leaf.shape[0] == B else gb["bias_batch"]
+    return gb[name]  # alpha, tau, logits_rows
 
 
 def _qkv(dtype=torch.float32):
@@ -25,25 +40,24 @@ def _check(backend, pk_flat, pv_flat, pk_h, pv_h, gate=None, ref_gate=None, bias
     qkv, q, k, v = _qkv()
     leaves = [qkv, pk_flat, pv_flat] + ([bias] if bias is not None and bias.requires_grad else [])
     leaves += list(gate.parameters()) if gate is not None else []
+    names = ["qkv", "pk", "pv"] + (["bias"] if bias is not None and bias.requires_grad else [])
+    names += ["alpha", "tau"] if gate is not None else []
     prefix = Prefix(pk_flat, pv_flat, logits) if logits is not None else (pk_flat, pv_flat)
     out = prefix_attention(q, k, v, prefix, gate=gate, attn_bias=bias, backend=backend)
-    expected = ref.prefix_attention(
-        q,
-        k,
-        v,
-        pk_h(),
-        pv_h(),
-        scale=D**-0.5,
-        gate=ref_gate,
-        bias=None if bias is None else bias.expand(B, H, N, N),
-        logits=None if logits is None else logits.expand(B, H, 1, -1),
-    )
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    args = {
+        "scale": SCALE,
+        "bias": None if bias is None else bias.expand(B, H, N, N),
+        "logits": None if logits is None else logits.expand(B, H, 1, -1),
+    }
+    expected = ref.prefix_attention(q, k, v, pk_h(), pv_h(), gate=ref_gate, **args)
+    bound = attention_tol(q, k, v, pk_h(), pv_h(), **args, **gate_args(gate))
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=bound)
     w = torch.randn_like(expected)
     got = torch.autograd.grad((out.double() * w).sum(), leaves)
     want = torch.autograd.grad((expected * w).sum(), leaves)
-    for g, e in zip(got, want):
-        assert_grad_close(g, e)
+    gb = attention_grad_tol(q, k, v, pk_h(), pv_h(), w, **args, **gate_args(gate))
+    for g, e, leaf, name in zip(got, want, leaves, names):
+        assert_grad_close(g, e, _leaf_bound(gb, leaf, name))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,14 +120,20 @@ def test_row_constant_logits_replace_scores(backend):
     logits = torch.randn(B, H, 1, L, requires_grad=True)
     qkv, q, k, v = _qkv()
     out = prefix_attention(q, k, v, Prefix(pk, pv, logits), backend=backend)
-    expected = ref.prefix_attention(q, k, v, pk, pv, scale=D**-0.5, logits=logits)
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    expected = ref.prefix_attention(q, k, v, pk, pv, scale=SCALE, logits=logits)
+    torch.testing.assert_close(
+        out.double(), expected, rtol=0, atol=attention_tol(q, k, v, pk, pv, scale=SCALE, logits=logits)
+    )
     w = torch.randn_like(expected)
     leaves = [qkv, pv, logits]
-    for g, e in zip(
-        torch.autograd.grad((out.double() * w).sum(), leaves), torch.autograd.grad((expected * w).sum(), leaves)
+    gb = attention_grad_tol(q, k, v, pk, pv, w, scale=SCALE, logits=logits)
+    for g, e, leaf, name in zip(
+        torch.autograd.grad((out.double() * w).sum(), leaves),
+        torch.autograd.grad((expected * w).sum(), leaves),
+        leaves,
+        ["qkv", "pv", "logits_rows"],
     ):
-        assert_grad_close(g, e)
+        assert_grad_close(g, e, _leaf_bound(gb, leaf, name))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -130,32 +150,40 @@ def test_large_scores_are_stable(backend):
         v,
         ref.heads(pk, H),
         ref.heads(pv, H),
-        scale=D**-0.5,
+        scale=SCALE,
         gate=lambda s: ref.norga_gate(s, "sigmoid", 1.0, 1.0),
     )
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+    # q and the prefix keys scaled by 30: scores of hundreds, whose float32 errors grow with them (tolerance.py)
+    bound = attention_tol(q, k, v, ref.heads(pk, H), ref.heads(pv, H), scale=SCALE, act="sigmoid")
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=bound)
 
 
 def test_no_prefix_and_empty_prefix_equal_plain_attention():
     _, q, k, v = _qkv()
-    plain = torch.softmax(q @ k.transpose(-1, -2) * D**-0.5, -1) @ v
-    torch.testing.assert_close(prefix_attention(q, k, v), plain, rtol=0, atol=1e-6)
+    plain = torch.softmax(q @ k.transpose(-1, -2) * SCALE, -1) @ v
+    # SDPA's fused kernel and the explicit float32 softmax: two evaluations, each within attention_tol
+    bound = 2 * attention_tol(q, k, v, scale=SCALE)
+    torch.testing.assert_close(prefix_attention(q, k, v), plain, rtol=0, atol=bound)
     empty = torch.zeros(0, H * D)
-    torch.testing.assert_close(prefix_attention(q, k, v, (empty, empty)), plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(prefix_attention(q, k, v, (empty, empty)), plain, rtol=0, atol=bound)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["merge", "sdpa", "math"])
 def test_low_precision_close_to_fp32(dtype, backend):
+    """Inputs in ``dtype``: the same values as the float32 run gets (the inputs' own rounding is no error
+    of the backend), the output close to float32 within what is rounded to ``dtype`` inside."""
     _, q, k, v = _qkv()
-    pk, pv = torch.randn(L, H * D), torch.randn(L, H * D)
+    q, k, v = (t.detach().to(dtype) for t in (q, k, v))
+    pk, pv = torch.randn(L, H * D).to(dtype), torch.randn(L, H * D).to(dtype)
     gate = NoRGaGate("tanh")
-    full = prefix_attention(q, k, v, (pk, pv), gate=gate, backend="math")
-    low = prefix_attention(
-        q.to(dtype), k.to(dtype), v.to(dtype), (pk.to(dtype), pv.to(dtype)), gate=gate, backend=backend
-    )
+    full = prefix_attention(q.float(), k.float(), v.float(), (pk.float(), pv.float()), gate=gate, backend="math")
+    low = prefix_attention(q, k, v, (pk, pv), gate=gate, backend=backend)
     assert low.dtype == dtype and torch.isfinite(low).all()
-    torch.testing.assert_close(low.float(), full, rtol=0, atol=5e-2)
+    pk_h, pv_h = (ref.heads(t, H).expand(B, -1, -1, -1) for t in (pk, pv))
+    args = {"scale": SCALE, **gate_args(gate)}
+    bound = attention_tol(q, k, v, pk_h, pv_h, io_dtype=dtype, **args) + attention_tol(q, k, v, pk_h, pv_h, **args)
+    torch.testing.assert_close(low.float(), full, rtol=0, atol=bound)
 
 
 def test_backend_selection():
@@ -195,6 +223,11 @@ def _softmax_gate(s):
     return torch.softmax(s, dim=-1) * 3.0
 
 
+# How far _softmax_gate moves its output per unit of input: its Jacobian 3 (diag(p) - p p^T) has row sums
+# of absolute values 3 * 2 p_i (1 - p_i) <= 1.5.
+SOFTMAX_GATE_SLOPE = 1.5
+
+
 @pytest.mark.parametrize("gate_name", ["none", "tanh", "sigmoid", "gelu", "custom", "norga_custom"])
 @pytest.mark.parametrize("shape", ["shared", "per_sample"])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -208,12 +241,15 @@ def test_merge_without_autograd_matches_reference(gate_name, shape, with_bias):
     bias = torch.randn(1, H, N, N) if with_bias else None
     if gate_name in ("none", "custom"):
         gate, ref_gate = (None, None) if gate_name == "none" else (_softmax_gate, _softmax_gate)
+        gate_tol = {} if gate_name == "none" else {"gate": _softmax_gate, "gate_slope": SOFTMAX_GATE_SLOPE}
     elif gate_name == "norga_custom":  # a NoRGaGate around a non-elementwise activation: also sees L columns
         gate = NoRGaGate(_softmax_gate, alpha=0.8, tau=1.7)
         ref_gate = lambda s: s + gate.alpha.item() * _softmax_gate(gate.tau.item() * s)  # noqa: E731
+        gate_tol = {"gate": ref_gate, "gate_slope": 1 + gate.alpha.item() * gate.tau.item() * SOFTMAX_GATE_SLOPE}
     else:
         gate = NoRGaGate(gate_name, alpha=0.8, tau=1.7)
         ref_gate = lambda s, a=gate_name: ref.norga_gate(s, a, gate.alpha.item(), gate.tau.item())  # noqa: E731
+        gate_tol = gate_args(gate)
     kept = [t.clone() for t in (q, k, v, pk, pv)]
     with torch.no_grad():
         out = prefix_attention(q, k, v, (pk, pv), gate=gate, attn_bias=bias, backend="merge")
@@ -223,12 +259,13 @@ def test_merge_without_autograd_matches_reference(gate_name, shape, with_bias):
     pk_h, pv_h = ref.heads(pk, H), ref.heads(pv, H)
     if shape == "shared":
         pk_h, pv_h = pk_h.expand(B, -1, -1, -1), pv_h.expand(B, -1, -1, -1)
-    expected = ref.prefix_attention(
-        q, k, v, pk_h, pv_h, scale=D**-0.5, gate=ref_gate, bias=None if bias is None else bias.expand(B, H, N, N)
-    )
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    bias_h = None if bias is None else bias.expand(B, H, N, N)
+    expected = ref.prefix_attention(q, k, v, pk_h, pv_h, scale=SCALE, gate=ref_gate, bias=bias_h)
+    bound = attention_tol(q, k, v, pk_h, pv_h, scale=SCALE, bias=bias_h, **gate_tol)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=bound)
+    # two float32 evaluations (in-place chunks vs the autograd function), each within `bound` of the exact value
     with_graph = prefix_attention(q, k, v, (pk, pv), gate=gate, attn_bias=bias, backend="merge")
-    torch.testing.assert_close(out, with_graph, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, with_graph, rtol=0, atol=2 * bound)
 
 
 @pytest.mark.parametrize("gate_name", ["none", "sigmoid"])
@@ -241,8 +278,9 @@ def test_merge_without_autograd_row_constant_logits(gate_name):
     ref_gate = None if gate is None else (lambda s: ref.norga_gate(s, gate_name, gate.alpha.item(), gate.tau.item()))
     with torch.no_grad():
         out = prefix_attention(q, k, v, Prefix(pk, pv, logits), gate=gate, backend="merge")
-    expected = ref.prefix_attention(q, k, v, pk, pv, scale=D**-0.5, gate=ref_gate, logits=logits)
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    expected = ref.prefix_attention(q, k, v, pk, pv, scale=SCALE, gate=ref_gate, logits=logits)
+    bound = attention_tol(q, k, v, pk, pv, scale=SCALE, logits=logits, **gate_args(gate))
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=bound)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -259,11 +297,13 @@ def test_merge_without_autograd_low_precision(dtype):
         v,
         ref.heads(pk, H),
         ref.heads(pv, H),
-        scale=D**-0.5,
+        scale=SCALE,
         gate=lambda s: ref.norga_gate(s, "tanh", 1.0, 1.0),
     )
     assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-2)
+    # the reference gets the same rounded inputs: only what is rounded to `dtype` inside adds (tolerance module)
+    bound = attention_tol(q, k, v, ref.heads(pk, H), ref.heads(pv, H), scale=SCALE, act="tanh", io_dtype=dtype)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=bound)
 
 
 def test_merge_without_autograd_bad_gate_is_a_clear_error():
@@ -299,29 +339,28 @@ def test_flex_forward_matches_reference(case):
         if len(lead) == 1:
             pk_h, pv_h = pk_h.expand(B, -1, -1, -1), pv_h.expand(B, -1, -1, -1)
     if act is None:
-        gate, ref_gate = None, None
+        gate, ref_gate, gate_tol = None, None, {}
     elif act == "custom":
         gate = ref_gate = lambda s: 0.5 * s - torch.sin(s)  # noqa: E731
+        gate_tol = {"gate": ref_gate, "gate_slope": 1.5}  # |0.5 - cos(s)| <= 1.5
     else:
         gate = NoRGaGate(act, alpha=0.8, tau=1.7)
         ref_gate = lambda s: ref.norga_gate(s, act, gate.alpha.item(), gate.tau.item())  # noqa: E731
+        gate_tol = gate_args(gate)
     bias = torch.randn(1, H, N, N) if extra == "bias" else None
     logits = torch.randn(B, H, 1, L) if extra == "logits" else None
     prefix = Prefix(pk, pv, logits) if logits is not None else (pk, pv)
     with torch.no_grad():
         out = prefix_attention(q, k, v, prefix, gate=gate, attn_bias=bias, backend="flex")
-    expected = ref.prefix_attention(
-        q,
-        k,
-        v,
-        pk_h,
-        pv_h,
-        scale=D**-0.5,
-        gate=ref_gate,
-        bias=None if bias is None else bias.expand(B, H, N, N),
-        logits=None if logits is None else logits.expand(B, H, 1, L),
+    args = {
+        "scale": SCALE,
+        "bias": None if bias is None else bias.expand(B, H, N, N),
+        "logits": None if logits is None else logits.expand(B, H, 1, L),
+    }
+    expected = ref.prefix_attention(q, k, v, pk_h, pv_h, gate=ref_gate, **args)
+    torch.testing.assert_close(
+        out.double(), expected, rtol=0, atol=attention_tol(q, k, v, pk_h, pv_h, **args, **gate_tol)
     )
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
 
 
 def test_flex_clear_errors_on_cpu():
@@ -357,15 +396,17 @@ def test_fully_masked_token_rows_attend_to_the_prefix_alone(backend, grad):
     bias64 = torch.zeros(B, H, N, N, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
     r = [t.detach().double().requires_grad_(grad) for t in (q, k, v, pk, pv)]
     a, t_ = gate.alpha.item(), gate.tau.item()
-    want = ref.prefix_attention(*r, scale=D**-0.5, gate=lambda s: ref.norga_gate(s, "tanh", a, t_), bias=bias64)
+    want = ref.prefix_attention(*r, scale=SCALE, gate=lambda s: ref.norga_gate(s, "tanh", a, t_), bias=bias64)
     assert torch.isfinite(want).all()
-    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    args = {"scale": SCALE, "bias": bias64, **gate_args(gate)}
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=attention_tol(q, k, v, pk, pv, **args))
     if grad:
         w = torch.randn(want.shape, dtype=torch.float64)
         got = torch.autograd.grad((out.double() * w).sum(), (q, k, v, pk, pv))
         exp = torch.autograd.grad((want * w).sum(), r)
-        for g_, e in zip(got, exp):
-            torch.testing.assert_close(g_.double(), e, rtol=0, atol=1e-5)
+        gb = attention_grad_tol(q, k, v, pk, pv, w, **args)
+        for g_, e, name in zip(got, exp, ["q", "k", "v", "pk", "pv"]):
+            assert_grad_close(g_, e, gb[name])
 
 
 @pytest.mark.parametrize("per_chunk", [1, 2])
@@ -386,10 +427,11 @@ def test_merge_without_autograd_in_chunks_of_samples(monkeypatch, per_chunk, gat
         if gate_name == "custom"
         else (lambda s: ref.norga_gate(s, "tanh", gate.alpha.item(), gate.tau.item()))
     )
+    gate_tol = {"gate": _softmax_gate, "gate_slope": SOFTMAX_GATE_SLOPE} if gate_name == "custom" else gate_args(gate)
     prefix = Prefix(pk, pv, logits)
     with torch.no_grad():
         out = prefix_attention(q, k, v, prefix, gate=gate, backend="merge")
-    want = ref.prefix_attention(
-        q, k, v, ref.heads(pk, H), ref.heads(pv, H), scale=D**-0.5, gate=ref_gate, logits=logits
-    )
-    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    pk_h, pv_h = ref.heads(pk, H), ref.heads(pv, H)
+    want = ref.prefix_attention(q, k, v, pk_h, pv_h, scale=SCALE, gate=ref_gate, logits=logits)
+    bound = attention_tol(q, k, v, pk_h, pv_h, scale=SCALE, logits=logits, **gate_tol)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=bound)
