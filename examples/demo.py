@@ -1,7 +1,7 @@
 """Patch a stock timm ViT with NoRGa prompts and run it: the short demo of README's main job.
 
 Runs offline on CPU in well under a minute:
-1. patches ``vit_small_patch16_224`` (random init, ``pretrained=False``) and checks that, with no prompt,
+1. patches `vit_small_patch16_224` (random init, `pretrained=False`) and checks that, with no prompt,
    the output equals the unpatched model's;
 2. attaches a per-task prefix pool with NoRGa gates on blocks 0-4 and gives every sample its own task;
 3. trains only the prompts, gates and head for a few steps on a tiny synthetic task and shows the loss fall.
@@ -37,7 +37,7 @@ def main() -> None:
 
     pool = norga.PrefixPool(num_tasks=2, num_layers=5, length=5, dim=model.embed_dim)
     norga.patch_vit(model, gate=norga.NoRGaGate(args.activation), prompt=pool)  # blocks 0-4, in place
-    layers = norga.patched_layers(model)
+    layers = norga.patch.patched_layers(model)
     print(f"patched {len(layers)} layers of {args.model}: {', '.join(layer.name for layer in layers)}")
 
     # With the pool detached from the layers' view, the patched model is the timm model.

@@ -2,27 +2,31 @@
 
 Two recipes, as the authors' code runs them (docs/howto/training.md; differences in docs/fidelity.md):
 
-* ``prefix`` / ``norga``: one prompt per task on blocks 0-4 (a PrefixPool with the authors' prompt momentum),
+* `prefix` / `norga`: one prompt per task on blocks 0-4 (a PrefixPool with the authors' prompt momentum),
   the NoRGa gate's alpha and tau trained on the first task only, each task's prompt started from the previous
   one, earlier prompts frozen, the authors' feature regulariser. At test time each sample runs with the prompt
   of its own predicted task (task-identity inference by the nearest class mean of frozen features).
-* ``smope``: one shared SMoPE per block 0-5, a dense warm-up on the first task, router and prototype losses,
+* `smope`: one shared SMoPE per block 0-5, a dense warm-up on the first task, router and prototype losses,
   a counting pass after each task.
 
-Data: one DataLoader of ``(images, labels)`` per task. ``--data cifar100 --root DIR`` reads torchvision's
-CIFAR-100 (no download) in 10 tasks; ``--data random`` is a tiny random stream that runs in seconds.
+Data: one DataLoader of `(images, labels)` per task. `--data cifar100 --root DIR` reads torchvision's
+CIFAR-100 (no download) in `--tasks` tasks; `--data random` is a tiny random stream that runs in seconds:
 
-    python examples/train.py --method norga --data random
+```bash
+python examples/train.py --method norga --data random
+```
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import norga
 from norga import cl
@@ -45,7 +49,7 @@ def task_loaders(args: argparse.Namespace) -> tuple[list[DataLoader], list[DataL
         test = torchvision.datasets.CIFAR100(args.root, train=False, transform=tf)
         splits = cl.split_tasks(cl.class_order(100, seed=0), num_tasks=args.tasks)
 
-    def per_task(data, shuffle: bool) -> list[DataLoader]:
+    def per_task(data: Dataset, shuffle: bool) -> list[DataLoader]:
         labels = data.tensors[1] if isinstance(data, TensorDataset) else torch.as_tensor(data.targets)
         idx = [torch.isin(labels, torch.tensor(s)).nonzero().flatten().tolist() for s in splits]
         return [DataLoader(Subset(data, i), batch_size=args.batch_size, shuffle=shuffle) for i in idx]
@@ -53,11 +57,18 @@ def task_loaders(args: argparse.Namespace) -> tuple[list[DataLoader], list[DataL
     return per_task(train, True), per_task(test, False), splits
 
 
-def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pre-logits features of a timm ViT."""
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-def train_pool(model, pool, loaders, splits, args) -> list[torch.Tensor]:
+def train_pool(
+    model: nn.Module,
+    pool: norga.PrefixPool,
+    loaders: Sequence[DataLoader],
+    splits: Sequence[Sequence[int]],
+    args: argparse.Namespace,
+) -> list[torch.Tensor]:
     """Prefix tuning / NoRGa: returns the class means of each task (features under the task's prompt)."""
     gated = args.method == "norga"
     prototypes: list[torch.Tensor] = []
@@ -65,7 +76,7 @@ def train_pool(model, pool, loaders, splits, args) -> list[torch.Tensor]:
         if task > 0:
             pool.copy_task_(task - 1, task)  # start from the previous task's prompt
             if gated:
-                norga.freeze_gates(model)  # alpha, tau: first task only
+                norga.gates.freeze_gates(model)  # alpha, tau: first task only
         pool.train_only(task)  # earlier prompts get no gradient and are restored after each step
         norga.set_task(model, task)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -90,10 +101,13 @@ def train_pool(model, pool, loaders, splits, args) -> list[torch.Tensor]:
     return prototypes
 
 
-def train_smope(model, loaders, splits, args) -> None:
+def train_smope(
+    model: nn.Module, loaders: Sequence[DataLoader], splits: Sequence[Sequence[int]], args: argparse.Namespace
+) -> None:
+    """SMoPE: the authors' phases per task (a fresh optimizer each), router and prototype losses, counting pass."""
     params = [p for p in model.parameters() if p.requires_grad]
     for task, loader in enumerate(loaders):
-        for phase in norga.smope.training_phases(task, args.epochs):  # dense warm-up on task 0
+        for phase in norga.prompts.training_phases(task, args.epochs):  # dense warm-up on task 0
             norga.set_dense(model, phase.dense)
             optimizer = torch.optim.Adam(params, lr=args.lr)  # a fresh optimizer per phase
             model.train()
@@ -113,7 +127,14 @@ def train_smope(model, loaders, splits, args) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, backbone, test_loaders, splits, train_loaders, args) -> list[float]:
+def evaluate(
+    model: nn.Module,
+    backbone: nn.Module,
+    test_loaders: Sequence[DataLoader],
+    splits: Sequence[Sequence[int]],
+    train_loaders: Sequence[DataLoader],
+    args: argparse.Namespace,
+) -> list[float]:
     """Accuracy per task. Pool methods predict each sample's task first and classify among its classes; SMoPE
     classifies among all classes seen (the authors then align the classifier on class statistics, see
     norga.cl.align_classifier; without it the last task's classes dominate)."""
@@ -140,7 +161,8 @@ def evaluate(model, backbone, test_loaders, splits, train_loaders, args) -> list
     return accs
 
 
-def main(argv: list[str] | None = None) -> list[float]:
+def main(argv: Sequence[str] | None = None) -> list[float]:
+    """Trains and evaluates one method; returns the accuracy on each task."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=["prefix", "norga", "smope"], default="norga")
     p.add_argument("--data", choices=["random", "cifar100"], default="random")

@@ -1,30 +1,21 @@
-"""Prompt-only checkpoints: :func:`save_prompts` and :func:`load_prompts`.
+"""Prompt-only checkpoints: [`save_prompts`][norga.checkpoint.save_prompts] and
+[`load_prompts`][norga.checkpoint.load_prompts].
 
-A patched model's backbone is a stock timm model whose weights anyone can rebuild; what training adds is
-small: the prompt pool, each patched layer's gate and prompt module (a :class:`norga.PrefixPrompt`, a
-:class:`norga.SMoPE` with its usage buffers, ...), and optionally the classifier head. These functions
-store exactly that, as a `safetensors <https://huggingface.co/docs/safetensors>`_ file (timm depends on
-``safetensors``) whose header carries JSON metadata:
+A patched model's backbone is a stock timm model anyone can rebuild; what training adds is small: the prompt
+pool, each patched layer's gate and prompt module (with SMoPE's usage buffers), and optionally the head. These
+functions store exactly that as a [safetensors](https://huggingface.co/docs/safetensors) file whose header
+carries JSON metadata: versions, the model name and class, the prompted layers (index, module path, norga
+class, prompt and gate configuration), the pool's shape, the head's path and every tensor's shape and dtype.
+`load_prompts` compares all of it with the model and raises one `ValueError` listing every difference before
+it changes anything.
 
-* ``norga_version``, ``timm_version``, ``model_name`` (timm architecture name) and ``model_class``;
-* the prompted layers: their index in :func:`norga.attention_layers`, module path, norga class, the
-  prompt module's kind and configuration (e.g. SMoPE's ``num_experts``, ``top_k``, ``noise_eps``,
-  ``scale``, ``dense``) and the gate's kind (e.g. NoRGaGate's activation and learnability);
-* the prompt pool's ``num_tasks``, ``num_layers``, ``length`` and ``dim``; the head's module path;
-* every tensor's shape and dtype.
-
-:func:`load_prompts` compares all of it with the model it loads into and raises one ``ValueError`` that
-lists every difference (another model, other layers, another prompt length, another gate activation,
-missing or extra tensors) before it changes anything.
-
-Example::
-
-    norga.save_prompts(model, "task3.safetensors", include_head=True)
-
-    fresh = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
-    fresh.load_state_dict(backbone_weights)                     # the same pretrained backbone
-    norga.patch_vit(fresh, gate=norga.NoRGaGate("sigmoid"), prompt=norga.PrefixPool(10, 5, 20, 768))
-    norga.load_prompts(fresh, "task3.safetensors")              # identical outputs to ``model``
+```python
+norga.save_prompts(model, "task3.safetensors", include_head=True)
+fresh = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+fresh.load_state_dict(backbone_weights)                     # the same pretrained backbone
+norga.patch_vit(fresh, gate=norga.NoRGaGate("sigmoid"), prompt=norga.PrefixPool(10, 5, 20, 768))
+norga.load_prompts(fresh, "task3.safetensors")              # identical outputs to `model`
+```
 """
 
 from __future__ import annotations
@@ -39,9 +30,9 @@ from typing import Any, NamedTuple, Union
 import torch
 from torch import nn
 
-from .gates import NoRGaGate
-from .patch import POOL_NAME, patched_layers
-from .prompts import PoolPrompt, PrefixPool, PrefixPrompt
+from ._checks import check_bool
+from .patch import patched_layers
+from .prompts import POOL_NAME, PrefixPool
 
 __all__ = [
     "FORMAT",
@@ -54,7 +45,7 @@ __all__ = [
     "unwrap_model",
 ]
 
-#: The value of the ``format`` field of the metadata.
+#: The value of the `format` field of the metadata.
 FORMAT = "norga.prompts"
 #: Version of the file layout; bumped on incompatible changes.
 FORMAT_VERSION = 1
@@ -67,13 +58,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class LoadResult(NamedTuple):
-    """What :func:`load_prompts` did.
+    """What [`load_prompts`][norga.checkpoint.load_prompts] did.
 
     Attributes:
         loaded_keys: Keys copied into the model.
-        missing_keys: norga keys of the model that the file does not have (only with ``strict=False``).
-        unexpected_keys: Keys of the file that the model does not have (only with ``strict=False``).
-        metadata: The file's metadata (see :func:`read_prompt_metadata`).
+        missing_keys: norga keys of the model that the file does not have (only with `strict=False`).
+        unexpected_keys: Keys of the file that the model does not have (only with `strict=False`).
+        metadata: The file's metadata (see [`read_prompt_metadata`][norga.checkpoint.read_prompt_metadata]).
     """
 
     loaded_keys: list[str]
@@ -82,9 +73,13 @@ class LoadResult(NamedTuple):
     metadata: dict[str, Any]
 
 
-# --------------------------------------------------------------------------- model inspection
+def _check_path(path: object) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    """The model inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     for _ in range(8):
@@ -105,38 +100,12 @@ def _model_name(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def _gate_info(gate: nn.Module | None) -> dict[str, Any] | None:
-    if gate is None:
+def _config(module: nn.Module | None) -> dict[str, Any] | None:
+    """A prompt module's or gate's `checkpoint_config()`, or its kind when it has none."""
+    if module is None:
         return None
-    if isinstance(gate, NoRGaGate):
-        return {"kind": "NoRGaGate", "activation": gate.activation_name, "learnable": bool(gate.learnable)}
-    return {"kind": type(gate).__qualname__}
-
-
-def _prompt_info(prompt: nn.Module | None) -> dict[str, Any] | None:
-    if prompt is None:
-        return None
-    if isinstance(prompt, PoolPrompt):
-        return {"kind": "PoolPrompt", "pool_layer": int(prompt.index)}
-    if isinstance(prompt, PrefixPrompt):
-        _, length, dim = prompt.prompt.shape
-        return {"kind": "PrefixPrompt", "length": int(length), "dim": int(dim)}
-    try:
-        from .smope import SMoPE
-    except ImportError:  # pragma: no cover - smope ships with norga
-        SMoPE = None  # type: ignore[assignment,misc]
-    if SMoPE is not None and isinstance(prompt, SMoPE):
-        return {
-            "kind": "SMoPE",
-            "num_heads": int(prompt.num_heads),
-            "num_experts": int(prompt.num_experts),
-            "top_k": int(prompt.top_k),
-            "noise_eps": float(prompt.noise_eps),
-            "scale": float(prompt.scale),
-            "dense": bool(prompt.dense),
-            "gate": _gate_info(prompt.gate),
-        }
-    return {"kind": type(prompt).__qualname__}
+    config = getattr(module, "checkpoint_config", None)
+    return config() if callable(config) else {"kind": type(module).__qualname__}
 
 
 def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -181,14 +150,14 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 
 def prompt_state_dict(model: nn.Module, *, include_head: bool = False) -> dict[str, torch.Tensor]:
-    """The entries of ``model.state_dict()`` that norga added (and the head if ``include_head``).
+    """The entries of `model.state_dict()` that norga added (and the head if `include_head`).
 
-    Keys are those of the unwrapped model (``prompt_pool.prompts``, ``blocks.0.attn.prefix_gate.alpha``,
-    ``blocks.0.attn.prompt.keys``, ``head.weight``, ...). Tensors are detached and share memory with
+    Keys are those of the unwrapped model (`prompt_pool.prompts`, `blocks.0.attn.prefix_gate.alpha`,
+    `blocks.0.attn.prompt.keys`, `head.weight`, ...). Tensors are detached and share memory with
     the model.
 
     Raises:
-        ValueError: the model has no patched layer, or ``include_head`` and no classifier.
+        ValueError: the model has no patched layer, or `include_head` and no classifier.
     """
     model = unwrap_model(model)
     if not patched_layers(model):
@@ -201,7 +170,7 @@ def prompt_state_dict(model: nn.Module, *, include_head: bool = False) -> dict[s
 def _metadata(model: nn.Module, tensors: Mapping[str, torch.Tensor], head: str | None, name: str) -> dict[str, Any]:
     import timm
 
-    from . import __version__
+    from ._version import __version__
 
     pool = getattr(model, POOL_NAME, None)
     layers = []
@@ -212,8 +181,8 @@ def _metadata(model: nn.Module, tensors: Mapping[str, torch.Tensor], head: str |
                 "index": layer.index,
                 "name": layer.name,
                 "class": type(m).__name__,
-                "prompt": _prompt_info(getattr(m, "prompt", None)),
-                "gate": _gate_info(getattr(m, "prefix_gate", None)),
+                "prompt": _config(getattr(m, "prompt", None)),
+                "gate": _config(getattr(m, "prefix_gate", None)),
                 "backend": getattr(m, "backend", None),
             }
         )
@@ -236,40 +205,33 @@ def _metadata(model: nn.Module, tensors: Mapping[str, torch.Tensor], head: str |
     }
 
 
-# --------------------------------------------------------------------------- save
 def save_prompts(
-    model: nn.Module,
-    path: PathLike,
-    *,
-    include_head: bool = False,
-    model_name: str | None = None,
+    model: nn.Module, path: PathLike, *, include_head: bool = False, model_name: str | None = None
 ) -> dict[str, Any]:
-    """Save what norga added to ``model`` (prompts, gates, SMoPE buffers; optionally the head).
+    """Save what norga added to `model` (prompts, gates, SMoPE buffers; optionally the head).
 
     Args:
-        model: A model patched with :func:`norga.patch_vit` (or a DDP / ``torch.compile`` wrapper).
-        path: Output file (``.safetensors`` by convention).
-        include_head: Also store the classifier (``model.get_classifier()``, e.g. ``head.weight``).
-        model_name: The model name recorded in the metadata; default: timm's ``pretrained_cfg``
-            architecture (``"vit_base_patch16_224"``), else the class name.
+        model: A model patched with [`patch_vit`][norga.patch.patch_vit] (or a DDP / `torch.compile` wrapper).
+        path: Output file (`.safetensors` by convention).
+        include_head: Also store the classifier (`model.get_classifier()`, e.g. `head.weight`).
+        model_name: The model name recorded in the metadata; default: timm's `pretrained_cfg`
+            architecture (`"vit_base_patch16_224"`), else the class name.
 
     Returns:
         The metadata written to the file's header.
 
-    The file is written next to ``path`` under a temporary name and renamed into place, so an existing
+    The file is written next to `path` under a temporary name and renamed into place, so an existing
     file is replaced whole or not at all.
 
     Raises:
-        ValueError: the model is not patched, ``include_head`` and it has no classifier, or the directory
-            of ``path`` does not exist.
-        TypeError: ``path``, ``include_head`` or ``model_name`` has the wrong type.
+        ValueError: the model is not patched, `include_head` and it has no classifier, or the directory
+            of `path` does not exist.
+        TypeError: `path`, `include_head` or `model_name` has the wrong type.
     """
     from safetensors.torch import save_file
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    if not isinstance(include_head, bool):
-        raise TypeError(f"include_head must be a bool, got {type(include_head).__name__} ({include_head!r})")
+    _check_path(path)
+    check_bool("include_head", include_head)
     if model_name is not None and not isinstance(model_name, str):
         raise TypeError(f"model_name must be a str or None, got {type(model_name).__name__}")
     target = os.path.abspath(os.fspath(path))
@@ -295,18 +257,16 @@ def save_prompts(
     return meta
 
 
-# --------------------------------------------------------------------------- load
 def read_prompt_metadata(path: PathLike) -> dict[str, Any]:
-    """The metadata stored by :func:`save_prompts` in the header of ``path``.
+    """The metadata stored by [`save_prompts`][norga.checkpoint.save_prompts] in the header of `path`.
 
     Raises:
-        ValueError: ``path`` is not a safetensors file written by :func:`save_prompts`.
-        FileNotFoundError: ``path`` does not exist.
+        ValueError: `path` is not a safetensors file written by [`save_prompts`][norga.checkpoint.save_prompts].
+        FileNotFoundError: `path` does not exist.
     """
     from safetensors import safe_open
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    _check_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {os.fspath(path)!r}")
     try:
@@ -344,10 +304,6 @@ def read_prompt_metadata(path: PathLike) -> dict[str, Any]:
     return meta
 
 
-def _fmt(layers: list[dict[str, Any]]) -> list[int]:
-    return [int(layer["index"]) for layer in layers]
-
-
 def _compare(saved: dict[str, Any], now: dict[str, Any], strict: bool) -> tuple[list[str], list[str]]:
     """(errors, warnings) describing how two metadata dicts differ."""
     errors: list[str] = []
@@ -356,11 +312,9 @@ def _compare(saved: dict[str, Any], now: dict[str, Any], strict: bool) -> tuple[
         msg = f"another model: the file was saved from {saved['model_name']!r}, this model is {now['model_name']!r}"
         (errors if strict else notes).append(msg)
     s_layers, n_layers = saved["layers"], now["layers"]
-    if _fmt(s_layers) != _fmt(n_layers):
-        errors.append(
-            f"other layers: the file has prompts for layers {_fmt(s_layers)}, this model has layers "
-            f"{_fmt(n_layers)} patched"
-        )
+    s_idx, n_idx = [int(x["index"]) for x in s_layers], [int(x["index"]) for x in n_layers]
+    if s_idx != n_idx:
+        errors.append(f"other layers: the file has prompts for layers {s_idx}, this model has layers {n_idx} patched")
     by_index = {int(n["index"]): n for n in n_layers}
     for s in s_layers:
         n = by_index.get(int(s["index"]))
@@ -376,17 +330,15 @@ def _compare(saved: dict[str, Any], now: dict[str, Any], strict: bool) -> tuple[
         if s["gate"] != n["gate"]:
             errors.append(f"{where}: gate {_describe(s['gate'], n['gate'])}")
     sp, np_ = saved["pool"], now["pool"]
-    if sp != np_:
-        if sp is None or np_ is None:
-            errors.append(
-                f"prompt pool: {'none' if sp is None else sp} in the file, "
-                f"{'none' if np_ is None else np_} in this model"
-            )
-        else:
-            for field in ("num_tasks", "num_layers", "length", "dim"):
-                if sp[field] != np_[field]:
-                    label = {"length": "prompt length", "num_tasks": "number of tasks"}.get(field, field)
-                    errors.append(f"prompt pool: {label} {sp[field]} in the file, {np_[field]} in this model")
+    if sp != np_ and (sp is None or np_ is None):
+        errors.append(f"prompt pool: {sp or 'none'} in the file, {np_ or 'none'} in this model")
+    elif sp != np_:
+        labels = {"length": "prompt length", "num_tasks": "number of tasks"}
+        errors += [
+            f"prompt pool: {labels.get(f, f)} {sp[f]} in the file, {np_[f]} in this model"
+            for f in ("num_tasks", "num_layers", "length", "dim")
+            if sp[f] != np_[f]
+        ]
     return errors, notes
 
 
@@ -402,23 +354,23 @@ def _describe(saved: Any, now: Any) -> str:
 
 
 def load_prompts(model: nn.Module, path: PathLike, *, strict: bool = True) -> LoadResult:
-    """Load a :func:`save_prompts` file into a model patched the same way.
+    """Load a [`save_prompts`][norga.checkpoint.save_prompts] file into a model patched the same way.
 
     Everything is checked before anything is copied: the prompted layers and their attention classes,
     the prompt modules' kinds and configuration, the gates' kinds and activations, the pool's shape and
-    every tensor's shape. A checkpoint that stores the head loads it into ``model.get_classifier()``.
+    every tensor's shape. A checkpoint that stores the head loads it into `model.get_classifier()`.
     Tensors are copied in place (parameters keep their identity, so optimizers stay valid) and cast to
     the model's dtype and device.
 
     Args:
-        model: A patched model (or a DDP / ``torch.compile`` wrapper of one).
-        path: A file written by :func:`save_prompts`.
+        model: A patched model (or a DDP / `torch.compile` wrapper of one).
+        path: A file written by [`save_prompts`][norga.checkpoint.save_prompts].
         strict: If True, the model name must match and the file's keys must be exactly the model's
             norga keys (plus the head's if the file has one). If False, a different model name is a
             warning and keys present on one side only are skipped (and reported in the result).
 
     Returns:
-        A :class:`LoadResult`.
+        A [`LoadResult`][norga.checkpoint.LoadResult].
 
     Raises:
         ValueError: the file is not a norga prompt checkpoint, or it does not fit the model; the message
@@ -426,8 +378,7 @@ def load_prompts(model: nn.Module, path: PathLike, *, strict: bool = True) -> Lo
     """
     from safetensors.torch import load_file
 
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
+    check_bool("strict", strict)
     saved = read_prompt_metadata(path)
     inner = unwrap_model(model)
     if not patched_layers(inner):
@@ -474,7 +425,5 @@ def load_prompts(model: nn.Module, path: PathLike, *, strict: bool = True) -> Lo
     loaded = sorted(file_keys & set(mine))
     with torch.no_grad():
         for key in loaded:
-            target = targets[key]
-            src = tensors[key]
-            target.copy_(src.to(device=target.device, dtype=target.dtype))
+            targets[key].copy_(tensors[key].to(device=targets[key].device, dtype=targets[key].dtype))
     return LoadResult(loaded, missing, unexpected, saved)

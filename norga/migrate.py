@@ -2,51 +2,58 @@
 
 Layouts (the authors' code, checked against their repositories):
 
-**NoRGa / HiDe-Prompt E-prompt** (``EPrompt`` with ``use_prefix_tune_for_e_prompt=True``): one parameter
-``e_prompt.prompt`` of shape ``(layers, 2, pool, L, H, D)``. Index 1 is key (0) / value (1); ``pool`` is
-one prompt per task (``pool_size`` = number of tasks); ``(H, D)`` are heads and head width, split like the
-layer's keys. norga's :class:`norga.PrefixPool` holds ``prompts`` of shape ``(tasks, layers, 2, L, H*D)``::
+**NoRGa / HiDe-Prompt E-prompt** (`EPrompt` with `use_prefix_tune_for_e_prompt=True`): one parameter
+`e_prompt.prompt` of shape `(layers, 2, pool, L, H, D)`. Index 1 is key (0) / value (1); `pool` is
+one prompt per task (`pool_size` = number of tasks); `(H, D)` are heads and head width, split like the
+layer's keys. norga's [`PrefixPool`][norga.prompts.PrefixPool] holds `prompts` of shape `(tasks, layers, 2, L, H*D)`:
 
-    pool.prompts[t, i, kv, l, h * D + d] == e_prompt.prompt[i, kv, t, l, h, d]
+```python
+pool.prompts[t, i, kv, l, h * D + d] == e_prompt.prompt[i, kv, t, l, h, d]
+```
 
-**NoRGa gates**: ``e_prompt.act_scale`` of shape ``(layers, 2, 1, 1)``, initialised to ones. The
-authors' attention computes (``NoRGa_Attention.forward``)::
+**NoRGa gates**: `e_prompt.act_scale` of shape `(layers, 2, 1, 1)`, initialised to ones. The
+authors' attention computes (`NoRGa_Attention.forward`):
 
-    prompt_attn = prompt_attn + gate_act(prompt_attn * act_scale[0]) * act_scale[1]
+```python
+prompt_attn = prompt_attn + gate_act(prompt_attn * act_scale[0]) * act_scale[1]
+```
 
-so ``act_scale[i, 0]`` is the temperature ``tau`` and ``act_scale[i, 1]`` the residual scale ``alpha`` of
-layer ``i``: ``g(s) = s + alpha * act(tau * s)``, a :class:`norga.NoRGaGate` per layer. The activation
-(``--gate_act``: tanh, sigmoid, gelu, ...) is a command-line option and is **not** stored in the
-checkpoint, so it must be given. HiDe-Prompt checkpoints have no ``act_scale``: plain prefix tuning
-(linear gate, ``gate=None``).
+so `act_scale[i, 0]` is the temperature `tau` and `act_scale[i, 1]` the residual scale `alpha` of
+layer `i`: `g(s) = s + alpha * act(tau * s)`, a [`NoRGaGate`][norga.gates.NoRGaGate] per layer. The activation
+(`--gate_act`: tanh, sigmoid, gelu, ...) is a command-line option and is **not** stored in the
+checkpoint, so it must be given. HiDe-Prompt checkpoints have no `act_scale`: plain prefix tuning
+(linear gate, `gate=None`).
 
-**SMoPE** (``OnePrompt``): one ``(1, D)`` parameter per layer ``e``, expert ``j`` and head ``h``, named
-``e_pk_{e}_{j}_{h}`` (key) and ``e_pv_{e}_{j}_{h}`` (value), usually under ``prompt.``; the classifier is
-``last``. norga's :class:`norga.SMoPE` stores ``keys``/``values`` of shape ``(H, E, D)``::
+**SMoPE** (`OnePrompt`): one `(1, D)` parameter per layer `e`, expert `j` and head `h`, named
+`e_pk_{e}_{j}_{h}` (key) and `e_pv_{e}_{j}_{h}` (value), usually under `prompt.`; the classifier is
+`last`. norga's [`SMoPE`][norga.prompts.SMoPE] stores `keys`/`values` of shape `(H, E, D)`:
 
-    smope.keys[h, j] == e_pk_{e}_{j}_{h}[0]
+```python
+smope.keys[h, j] == e_pk_{e}_{j}_{h}[0]
+```
 
 The authors keep expert usage counts and the "frequent" flags as Python attributes, so they are not
-in the checkpoint; the migrated ``usage``/``frequent`` buffers start at zero (no adaptive noise until the
-next ``end_task``), and the key snapshot of the prototype loss is not set.
+in the checkpoint; the migrated `usage`/`frequent` buffers start at zero (no adaptive noise until the
+next `end_task`), and the key snapshot of the prototype loss is not set.
 
 Which blocks are prompted is not stored either: NoRGa/HiDe-Prompt use blocks 0-4
-(``--e_prompt_layer_idx``), SMoPE blocks 0-5. Pass ``layers=`` if yours differ.
+(`--e_prompt_layer_idx`), SMoPE blocks 0-5. Pass `layers=` if yours differ.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import torch
 from torch import nn
 
+from ._checks import check_float_tensor
 from .gates import NoRGaGate
 from .patch import DEFAULT_LAYERS, attention_layers, patch_vit
-from .prompts import PrefixPool
+from .prompts import PrefixPool, SMoPE, smope_factory
 
 __all__ = [
     "act_scale_to_gates",
@@ -63,26 +70,18 @@ Activation = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 _SMOPE_KEY = re.compile(r"^(?P<prefix>.*?)e_p(?P<kv>[kv])_(?P<layer>\d+)_(?P<expert>\d+)_(?P<head>\d+)$")
 
 
-def _tensor(name: str, value: Any) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    return value
-
-
 def e_prompt_to_pool(prompt: torch.Tensor) -> torch.Tensor:
-    """Convert ``e_prompt.prompt`` ``(layers, 2, pool, L, H, D)`` to ``PrefixPool.prompts`` layout.
+    """Convert `e_prompt.prompt` `(layers, 2, pool, L, H, D)` to `PrefixPool.prompts` layout.
 
     Returns:
-        A new contiguous tensor of shape ``(pool, layers, 2, L, H * D)`` with
-        ``out[t, i, kv, l, h * D + d] = prompt[i, kv, t, l, h, d]``.
+        A new contiguous tensor of shape `(pool, layers, 2, L, H * D)` with
+        `out[t, i, kv, l, h * D + d] = prompt[i, kv, t, l, h, d]`.
 
     Raises:
         TypeError: not a floating-point tensor.
         ValueError: not 6-dimensional, or dimension 1 is not 2 (key, value).
     """
-    prompt = _tensor("e_prompt.prompt", prompt)
+    prompt = check_float_tensor("e_prompt.prompt", prompt)
     if prompt.dim() != 6 or prompt.shape[1] != 2:
         raise ValueError(
             "e_prompt.prompt must have shape (layers, 2, pool, length, num_heads, head_dim) (the prefix-tuning "
@@ -93,21 +92,21 @@ def e_prompt_to_pool(prompt: torch.Tensor) -> torch.Tensor:
 
 
 def act_scale_to_gates(act_scale: torch.Tensor, activation: Activation, *, learnable: bool = True) -> list[NoRGaGate]:
-    """One :class:`norga.NoRGaGate` per layer from NoRGa's ``act_scale`` ``(layers, 2, 1, 1)``.
+    """One [`NoRGaGate`][norga.gates.NoRGaGate] per layer from NoRGa's `act_scale` `(layers, 2, 1, 1)`.
 
-    ``act_scale[i, 0]`` is ``tau`` and ``act_scale[i, 1]`` is ``alpha`` (the authors compute
-    ``s + act(s * act_scale[0]) * act_scale[1]``).
+    `act_scale[i, 0]` is `tau` and `act_scale[i, 1]` is `alpha` (the authors compute
+    `s + act(s * act_scale[0]) * act_scale[1]`).
 
     Args:
-        act_scale: The ``e_prompt.act_scale`` tensor.
-        activation: The ``--gate_act`` the model was trained with: ``"tanh"``, ``"sigmoid"``, ``"gelu"``
-            or a callable (e.g. ``torch.relu``; ``lambda s: s`` for their identity ``gate_act=None``).
-        learnable: Whether ``alpha``/``tau`` are parameters (True) or buffers.
+        act_scale: The `e_prompt.act_scale` tensor.
+        activation: The `--gate_act` the model was trained with: `"tanh"`, `"sigmoid"`, `"gelu"`
+            or a callable (e.g. `torch.relu`; `lambda s: s` for their identity `gate_act=None`).
+        learnable: Whether `alpha`/`tau` are parameters (True) or buffers.
 
     Raises:
         ValueError: wrong shape or non-finite values.
     """
-    act_scale = _tensor("act_scale", act_scale)
+    act_scale = check_float_tensor("act_scale", act_scale)
     if act_scale.dim() < 2 or act_scale.shape[1] != 2 or any(int(s) != 1 for s in act_scale.shape[2:]):
         raise ValueError(
             f"act_scale must have shape (layers, 2, 1, 1) (tau, alpha per layer), got {tuple(act_scale.shape)}"
@@ -124,19 +123,19 @@ def act_scale_to_gates(act_scale: torch.Tensor, activation: Activation, *, learn
 def smope_experts(
     state_dict: Mapping[str, torch.Tensor], layer: int, *, prefix: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather SMoPE's per-expert parameters of one layer into ``(keys, values)`` of shape ``(H, E, D)``.
+    """Gather SMoPE's per-expert parameters of one layer into `(keys, values)` of shape `(H, E, D)`.
 
     Args:
-        state_dict: The authors' state dict (keys ``{prefix}e_pk_{layer}_{expert}_{head}`` and
-            ``{prefix}e_pv_...``, each ``(1, D)`` or ``(D,)``).
-        layer: The authors' layer index ``e``.
-        prefix: Key prefix (e.g. ``"prompt."``); ``None`` detects it (it must be unique).
+        state_dict: The authors' state dict (keys `{prefix}e_pk_{layer}_{expert}_{head}` and
+            `{prefix}e_pv_...`, each `(1, D)` or `(D,)`).
+        layer: The authors' layer index `e`.
+        prefix: Key prefix (e.g. `"prompt."`); `None` detects it (it must be unique).
 
     Returns:
-        ``(keys, values)`` with ``keys[h, j] = state_dict[f"{prefix}e_pk_{layer}_{j}_{h}"].reshape(D)``.
+        `(keys, values)` with `keys[h, j] = state_dict[f"{prefix}e_pk_{layer}_{j}_{h}"].reshape(D)`.
 
     Raises:
-        ValueError: no experts for ``layer``, a missing expert/head (the grid must be complete), or
+        ValueError: no experts for `layer`, a missing expert/head (the grid must be complete), or
             inconsistent shapes.
     """
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
@@ -150,7 +149,7 @@ def smope_experts(
         if prefix is not None and m["prefix"] != prefix:
             continue
         prefixes.add(m["prefix"])
-        found[(m["kv"], int(m["expert"]), int(m["head"]))] = _tensor(key, value)
+        found[(m["kv"], int(m["expert"]), int(m["head"]))] = check_float_tensor(key, value)
     if not found:
         raise ValueError(f"no SMoPE expert parameters e_pk_{layer}_<expert>_<head> found (prefix {prefix!r})")
     if len(prefixes) > 1:
@@ -192,10 +191,10 @@ def smope_experts(
 def authors_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The flat state dict of an authors' checkpoint (a path or an already loaded object).
 
-    Accepts ``{"model": state_dict, ...}`` (HiDe-Prompt / NoRGa ``torch.save``), ``{"state_dict": ...}`` or
-    a state dict, and strips a ``module.`` prefix (DDP). A path is read with
-    ``torch.load(weights_only=True)``; a checkpoint that pickles other objects (e.g. ``args``) is refused
-    there: load it yourself with ``weights_only=False`` if you trust it and pass the dict.
+    Accepts `{"model": state_dict, ...}` (HiDe-Prompt / NoRGa `torch.save`), `{"state_dict": ...}` or
+    a state dict, and strips a `module.` prefix (DDP). A path is read with
+    `torch.load(weights_only=True)`; a checkpoint that pickles other objects (e.g. `args`) is refused
+    there: load it yourself with `weights_only=False` if you trust it and pass the dict.
     """
     obj: Any = checkpoint
     if isinstance(checkpoint, (str, os.PathLike)):
@@ -296,19 +295,19 @@ def load_norga_checkpoint(
 
     Args:
         model: An unpatched timm ViT of the same size (heads and width) as the authors'.
-        checkpoint: A path or the loaded checkpoint (``{"model": state_dict}`` or a state dict).
-        activation: The ``--gate_act`` of a NoRGa checkpoint (``"tanh"``, ``"sigmoid"``, ``"gelu"`` or a
-            callable); must be ``None`` for a HiDe-Prompt checkpoint (no ``act_scale``).
-        layers: Prompted blocks (default 0-4, the authors' ``e_prompt_layer_idx``).
-        learnable_gates: ``alpha``/``tau`` as parameters (True) or frozen buffers.
-        include_head: Also copy the classifier ``head.weight``/``head.bias`` into ``model.get_classifier()``.
+        checkpoint: A path or the loaded checkpoint (`{"model": state_dict}` or a state dict).
+        activation: The `--gate_act` of a NoRGa checkpoint (`"tanh"`, `"sigmoid"`, `"gelu"` or a
+            callable); must be `None` for a HiDe-Prompt checkpoint (no `act_scale`).
+        layers: Prompted blocks (default 0-4, the authors' `e_prompt_layer_idx`).
+        learnable_gates: `alpha`/`tau` as parameters (True) or frozen buffers.
+        include_head: Also copy the classifier `head.weight`/`head.bias` into `model.get_classifier()`.
         backend: Prefix-attention backend of the patched layers.
 
     Returns:
-        ``model``, patched in place, with ``model.prompt_pool`` holding one prompt per task.
+        `model`, patched in place, with `model.prompt_pool` holding one prompt per task.
 
     Raises:
-        ValueError: no ``e_prompt.prompt``, wrong shapes, a missing or superfluous ``activation``, or a
+        ValueError: no `e_prompt.prompt`, wrong shapes, a missing or superfluous `activation`, or a
             model with other heads / head width / number of classes.
     """
     state = authors_state_dict(checkpoint)
@@ -316,7 +315,7 @@ def load_norga_checkpoint(
         raise ValueError(
             f"not a NoRGa / HiDe-Prompt prefix checkpoint: no 'e_prompt.prompt' key (found e.g. {sorted(state)[:5]})"
         )
-    raw = _tensor("e_prompt.prompt", state["e_prompt.prompt"])
+    raw = check_float_tensor("e_prompt.prompt", state["e_prompt.prompt"])
     prompts = e_prompt_to_pool(raw)
     num_tasks, num_layers, _, length, dim = prompts.shape
     chosen = _layers(model, layers, DEFAULT_LAYERS, num_layers, "prompts")
@@ -370,17 +369,15 @@ def load_smope_checkpoint(
     prefix: str | None = None,
     backend: str = "auto",
 ) -> nn.Module:
-    """Patch a timm ViT with :class:`norga.SMoPE` layers holding the experts of an SMoPE checkpoint.
+    """Patch a timm ViT with [`SMoPE`][norga.prompts.SMoPE] layers holding the experts of an SMoPE checkpoint.
 
-    The authors' layer ``e`` (``e_pk_{e}_...``) goes to block ``layers[k]`` where ``e`` is the ``k``-th
-    smallest layer index in the checkpoint (default blocks 0-5, as the authors prompt). ``top_k`` and
-    ``noise_eps`` are not stored by the authors: pass their values (defaults: K=5, eps=0.4).
+    The authors' layer `e` (`e_pk_{e}_...`) goes to block `layers[k]` where `e` is the `k`-th
+    smallest layer index in the checkpoint (default blocks 0-5, as the authors prompt). `top_k` and
+    `noise_eps` are not stored by the authors: pass their values (defaults: K=5, eps=0.4).
 
     Raises:
         ValueError: no SMoPE experts, an incomplete expert grid, or a model with other heads/widths.
     """
-    from .smope import SMoPE, smope_factory
-
     state = authors_state_dict(checkpoint)
     src_layers = sorted({int(m["layer"]) for k in state if (m := _SMOPE_KEY.match(k)) is not None})
     if not src_layers:

@@ -134,3 +134,17 @@ def test_report_tables_and_ratios(tmp_path, capsys):
     assert lines[0] == "| B | N | L | mode | naive ms | auto ms | floor ms | auto/floor | auto/naive |"
     assert lines[2] == "| 16 | 197 | 20 | fwd | 80.0 | 33.0 | 30.0 | 1.10 | 0.41 |"
     assert lines[-1] == "| 16 | 197 | 20 | fwd | 90.0 | 16.0 | 32.0 |"
+
+
+def test_bench_fastpaths_cli_runs(tmp_path):
+    """benchmarks/bench_fastpaths.py times the merge backend's inference with each fast path removed in turn;
+    its contenders compute the same attention (checked inside the script) and the ratios are to `epilogue`."""
+    from benchmarks.bench_fastpaths import main as fastpaths_main
+
+    out = tmp_path / "f.json"
+    rows = fastpaths_main(
+        ["--B", "3", "--N", "9", "--L", "3", "--heads", "2", "--head-dim", "8", "--repeats", "1"] + ["--out", str(out)]
+    )
+    assert out.exists() and json.loads(out.read_text())["results"] == rows
+    assert {r["contender"] for r in rows} == {"epilogue", "no-inplace", "one-chunk", "batched"}
+    assert next(r["ratio"] for r in rows if r["contender"] == "epilogue") == 1.0

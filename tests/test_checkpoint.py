@@ -31,7 +31,7 @@ def pool_model(seed: int, *, layers=(0, 1), length: int = 4, tasks: int = 3, act
     gate = None if activation is None else norga.NoRGaGate(activation)
     norga.patch_vit(model, gate=gate, prompt=norga.PrefixPool(tasks, len(layers), length, 64), layers=list(layers))
     with torch.no_grad():
-        for layer in norga.patched_layers(model):
+        for layer in norga.patch.patched_layers(model):
             if layer.module.prefix_gate is not None:
                 layer.module.prefix_gate.alpha.uniform_(0.2, 2.0)
                 layer.module.prefix_gate.tau.uniform_(0.2, 2.0)
@@ -138,7 +138,7 @@ def test_smope_roundtrip_with_buffers(tmp_path):
     norga.end_task(a)
     a(_x(3))
     a.eval()
-    layers_a = norga.smope_layers(a)
+    layers_a = norga.prompts.smope_layers(a)
     assert layers_a[0].usage.sum() > 0 and bool(layers_a[0].has_snapshot)
     save_prompts(a, path)
     b = smope_model(2).eval()
@@ -146,7 +146,7 @@ def test_smope_roundtrip_with_buffers(tmp_path):
         assert not torch.equal(a(_x()), b(_x()))
         load_prompts(b, path)
         assert torch.equal(a(_x()), b(_x()))
-    for ma, mb in zip(layers_a, norga.smope_layers(b)):
+    for ma, mb in zip(layers_a, norga.prompts.smope_layers(b)):
         for name in ("keys", "values", "usage", "frequent", "key_snapshot", "has_snapshot"):
             assert torch.equal(getattr(ma, name), getattr(mb, name)), name
     meta = read_prompt_metadata(path)["layers"][0]["prompt"]

@@ -58,7 +58,7 @@ def _pool_model():
     model = _tiny()
     norga.patch_vit(model, gate=norga.NoRGaGate("tanh"), prompt=norga.PrefixPool(3, 2, 4, 64), layers=[0, 1])
     with torch.no_grad():  # distinct gate values per layer, so a mixed-up gradient would show
-        for i, layer in enumerate(norga.patched_layers(model)):
+        for i, layer in enumerate(norga.patch.patched_layers(model)):
             layer.module.prefix_gate.alpha.fill_(0.5 + i)
             layer.module.prefix_gate.tau.fill_(1.5 - 0.25 * i)
     for name, p in model.named_parameters():  # freeze the backbone as prompt-based CL does
@@ -119,7 +119,7 @@ def _scenario_ddp_smope(rank: int, outdir: str) -> dict:
     norga.patch_vit(model, prompt=norga.smope_factory(num_experts=6, top_k=2, noise_eps=0.4), layers=[0, 1])
     for name, p in model.named_parameters():
         p.requires_grad_(".prompt." in name or name.startswith("head"))
-    layers = norga.smope_layers(model)
+    layers = norga.prompts.smope_layers(model)
     counted = [torch.zeros_like(m.usage) for m in layers]  # independent count: top-K of the raw routing scores
 
     def hook(i):
@@ -242,7 +242,7 @@ def _scenario_fsdp2_smope(rank: int, outdir: str) -> dict:
     norga.patch_vit(model, prompt=norga.smope_factory(num_experts=6, top_k=2, noise_eps=0.4), layers=[0, 1])
     for name, p in model.named_parameters():
         p.requires_grad_(".prompt." in name or name.startswith("head"))
-    layers = norga.smope_layers(model)
+    layers = norga.prompts.smope_layers(model)
     mesh = init_device_mesh("cpu", (WORLD,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)

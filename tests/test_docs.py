@@ -642,3 +642,24 @@ def test_a_wrong_signature_fails() -> None:
     (block,) = parse_markdown(text, "p.md")
     with pytest.raises(AssertionError, match="the docs show"):
         check_signature(block)
+
+
+def test_docs_hook_refuses_restructuredtext_shown_as_text():
+    """hooks/rendered_text.py (run by `mkdocs build`) fails on a Sphinx role or a `::` literal-block marker
+    in a page's text, and ignores code."""
+    pytest.importorskip("mkdocs")
+    import importlib.util
+    from types import SimpleNamespace
+
+    from mkdocs.exceptions import PluginError
+
+    path = Path(__file__).resolve().parents[1] / "hooks" / "rendered_text.py"
+    spec = importlib.util.spec_from_file_location("rendered_text", path)
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="api.md"))
+    clean = "<p>See <code>a[::2]</code> and <a href='#x'>Prefix</a>.</p><pre><code>x :class:`y`</code></pre>"
+    assert hook.on_post_page(clean, page, None) == clean
+    for bad in ("<p>A :class:`norga.Prefix` here.</p>", "<p>Example::</p>", "<p>Use :func:`f`.</p>"):
+        with pytest.raises(PluginError, match="reStructuredText shown as text"):
+            hook.on_post_page(bad, page, None)

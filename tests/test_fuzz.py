@@ -786,5 +786,5 @@ def test_patch_vit_layers_and_gates(layers, gate):
         return
     norga.patch_vit(model, layers=layers, gate=gate)
     expected = list(range(_DEPTH)) if layers in (None, "all") else sorted(layers)
-    assert [layer.index for layer in norga.patched_layers(model)] == expected
+    assert [layer.index for layer in norga.patch.patched_layers(model)] == expected
     assert torch.equal(model(x), before)  # no prompt: timm's own forward, the same operations, bit for bit

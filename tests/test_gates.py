@@ -101,33 +101,27 @@ def test_gate_without_autograd_custom_activation_output_untouched():
 
 
 @pytest.mark.parametrize("act", ["tanh", "sigmoid", "gelu"])
-def test_gate_shifted_in_place_matches_equation_plus_shift(act):
-    """shifted_ overwrites a (strided) view with g(s) + shift; the shift is alpha for tanh, none otherwise."""
+def test_gate_inplace_matches_equation(act):
+    """The gate protocol's fast path: inplace_ overwrites a (strided) view with g(s) and returns it."""
     base = torch.randn(3, 8, 11, dtype=torch.float64) * 4
     s = base[:, :6]  # a strided view, as the merge backend passes it
     kept, outside = s.clone(), base[:, 6:].clone()
     gate = NoRGaGate(act, alpha=-0.7, tau=1.4).double()
     with torch.no_grad():
-        shift = gate.shifted_(s)
+        out = gate.inplace_(s)
+    assert out is s
     want = norga_gate(kept, act, gate.alpha.item(), gate.tau.item())
-    got = s if shift is None else s - shift
-    assert_within(got, want, norga_gate_err(kept, act, gate.alpha.item(), gate.tau.item(), torch.float64))
-    assert (shift is not None) == (act == "tanh")
-    if shift is not None:
-        assert shift.item() == pytest.approx(-0.7, rel=U32, abs=0)  # alpha, rounded to float32
+    assert_within(s, want, norga_gate_err(kept, act, gate.alpha.item(), gate.tau.item(), torch.float64))
     assert torch.equal(base[:, 6:], outside)
 
 
-def test_gate_shifted_refuses_custom_activation_and_autograd():
-    with pytest.raises(ValueError, match=r"needs a built-in activation, got 'relu'"):
+def test_gate_inplace_declines_a_custom_activation():
+    """A custom activation need not be elementwise on a view: inplace_ declines and changes nothing."""
+    x = torch.randn(3, 4)
+    kept = x.clone()
+    for act in (torch.relu, lambda t: torch.tanh(t)):
         with torch.no_grad():
-            NoRGaGate(torch.relu).shifted_(torch.zeros(3))
-    with pytest.raises(ValueError, match=r"without autograd; call it under torch.no_grad\(\)"):
-        NoRGaGate("tanh").shifted_(torch.zeros(3))
-
-
-def test_gate_builtin_marks_the_paper_activations():
-    assert all(NoRGaGate(a).builtin for a in ("tanh", "sigmoid", "gelu"))
-    assert NoRGaGate(torch.tanh).builtin  # the same function under its own name
-    assert not NoRGaGate(torch.relu).builtin
-    assert not NoRGaGate(lambda x: torch.tanh(x)).builtin
+            assert NoRGaGate(act).inplace_(x) is NotImplemented
+        assert torch.equal(x, kept)
+    with torch.no_grad():  # the paper's function under its own name takes the fast path
+        assert NoRGaGate(torch.tanh).inplace_(x) is x

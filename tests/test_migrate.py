@@ -147,7 +147,7 @@ def test_loaded_layers_match_the_authors_attention(norga_ckpt):
     load_norga_checkpoint(model, ckpt, activation="tanh" if norga_ckpt else None, layers=[0, 1])
     assert torch.equal(model.blocks[0].attn.qkv.weight, qkv_before)  # the backbone is not touched
     assert torch.equal(model.head.weight, state["head.weight"]) and torch.equal(model.head.bias, state["head.bias"])
-    assert [layer.index for layer in norga.patched_layers(model)] == [0, 1]
+    assert [layer.index for layer in norga.patch.patched_layers(model)] == [0, 1]
     x = torch.randn(3, 17, DIM, generator=torch.Generator().manual_seed(5))
     tasks = torch.tensor([2, 0, 1])
     with torch.no_grad(), norga.use_task(model, tasks):
@@ -166,7 +166,7 @@ def test_loaded_layers_match_the_authors_attention(norga_ckpt):
                 pk, pv = (p.permute(1, 0, 2).unsqueeze(0) for p in (key, value))  # (1, H, L, D)
                 bound = prefix_layer_tol(block.attn, x[b : b + 1], pk, pv, **gate)
                 torch.testing.assert_close(got[b : b + 1], want, rtol=0, atol=2 * bound)
-    for layer in norga.patched_layers(model):
+    for layer in norga.patch.patched_layers(model):
         assert (layer.module.prefix_gate is not None) == norga_ckpt
 
 
@@ -240,8 +240,8 @@ def test_smope_experts_follow_the_index_formula():
 def test_load_smope_checkpoint():
     state = smope_state(layers=(0, 1))
     model = load_smope_checkpoint(backbone(), {"model": state}, layers=[1, 2], top_k=2, noise_eps=0.3)
-    smopes = norga.smope_layers(model)
-    assert [layer.index for layer in norga.patched_layers(model)] == [1, 2]
+    smopes = norga.prompts.smope_layers(model)
+    assert [layer.index for layer in norga.patch.patched_layers(model)] == [1, 2]
     assert len(smopes) == 2
     h, j, d = (t.double() for t in torch.meshgrid(torch.arange(H), torch.arange(6), torch.arange(D), indexing="ij"))
     for e, m in enumerate(smopes):

@@ -115,7 +115,7 @@ CASES: list[tuple[str, Callable[[Path], Any], type[BaseException], list[str]]] =
         ValueError,
         ["WindowAttention", "windowed"],
     ),
-    ("attention_layers str", lambda t: norga.attention_layers("x"), TypeError, ["attention_layers", "str"]),
+    ("attention_layers str", lambda t: norga.patch.attention_layers("x"), TypeError, ["attention_layers", "str"]),
     ("unpatch_vit int", lambda t: norga.unpatch_vit(3), TypeError, ["unpatch_vit", "int"]),
     ("set_dense str", lambda t: norga.set_dense(_smoped(), "False"), TypeError, ["dense must be a bool", "'False'"]),
     ("end_task str", lambda t: norga.end_task("m"), TypeError, ["end_task", "str"]),
@@ -242,7 +242,7 @@ def test_patch_vit_whose_factory_fails_at_block_2_changes_nothing() -> None:
         norga.patch_vit(model, layers=[0, 1, 2, 3], prompt=factory)
     _assert_unchanged(model, before)
     norga.patch_vit(model, layers=[0, 1, 2, 3], prompt=lambda i, a: norga.PrefixPrompt(4, 192))  # a retry works
-    assert len(norga.patched_layers(model)) == 4
+    assert len(norga.patch.patched_layers(model)) == 4
 
 
 def test_patch_vit_errors_leave_the_pool_free() -> None:
@@ -250,7 +250,7 @@ def test_patch_vit_errors_leave_the_pool_free() -> None:
     model = _vit()
     with pytest.raises(ValueError, match="num_layers=3 but 2 layers"):
         norga.patch_vit(model, layers=[0, 1], prompt=pool)
-    assert not norga.patched_layers(model) and not hasattr(model, "prompt_pool")
+    assert not norga.patch.patched_layers(model) and not hasattr(model, "prompt_pool")
     norga.patch_vit(_vit(), layers=[0, 1, 2], prompt=pool)  # the pool was not taken
 
 

@@ -16,9 +16,10 @@ from tolerance import (
 )
 
 import norga
-import norga.attention
+import norga.layers.base
 from norga import NoRGaGate, PrefixPool, patch_vit, unpatch_vit
-from norga.patch import FAMILIES, attention_layers
+from norga.layers import FAMILIES
+from norga.patch import attention_layers
 
 # One small model per supported family (and the common variants), never pretrained.
 FAMILY_MODELS = {
@@ -62,7 +63,7 @@ def test_patched_without_prompt_equals_unpatched(key):
     keys = list(model.state_dict())
     params = {n: p for n, p in model.named_parameters()}
     patch_vit(model, layers="all")
-    assert norga.patched_layers(model), "nothing was patched"
+    assert norga.patch.patched_layers(model), "nothing was patched"
     assert list(model.state_dict()) == keys
     assert all(p is params[n] for n, p in model.named_parameters())  # the same weights, not copies
     with torch.no_grad():
@@ -141,7 +142,7 @@ def test_prompted_family_matches_reference(key, act, monkeypatch):
     reference_model = copy.deepcopy(model)
     found = attention_layers(model)
     eligible = [layer.index for layer in found if not layer.windowed]
-    width = norga.patch._width(found[0].module)
+    width = norga.layers.attention_width(found[0].module)
     heads = found[0].module.num_heads
     pool = PrefixPool(num_tasks=3, num_layers=len(eligible), length=4, dim=width)
     gate = NoRGaGate(act, alpha=0.9, tau=1.3) if act else None
@@ -195,7 +196,7 @@ def test_per_sample_tasks_are_batch_invariant_and_route_gradients():
     patch_vit(model, gate=NoRGaGate("tanh"), prompt=pool)  # default layers: 0-4, this model has 2
     x = torch.randn(4, 3, size, size)
     tasks = torch.tensor([3, 0, 3, 1])
-    layers = norga.patched_layers(model)
+    layers = norga.patch.patched_layers(model)
     calls, handles = _record_calls(model, [layer.name for layer in layers])
     with torch.no_grad(), norga.use_task(model, tasks):
         model(x)
@@ -222,10 +223,10 @@ def test_per_sample_tasks_are_batch_invariant_and_route_gradients():
 def test_default_layers_and_selection():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=7)
     patch_vit(model)
-    assert [layer.index for layer in norga.patched_layers(model)] == [0, 1, 2, 3, 4]
+    assert [layer.index for layer in norga.patch.patched_layers(model)] == [0, 1, 2, 3, 4]
     unpatch_vit(model)
     patch_vit(model, layers=[6, 2])
-    assert [layer.name for layer in norga.patched_layers(model)] == ["blocks.2.attn", "blocks.6.attn"]
+    assert [layer.name for layer in norga.patch.patched_layers(model)] == ["blocks.2.attn", "blocks.6.attn"]
     with pytest.raises(ValueError, match="already patched"):
         patch_vit(model)
 
@@ -349,7 +350,7 @@ def test_torch_compile_fullgraph_dynamic_batch(grad):
     if not grad:
         return
     prompts = model.prompt_pool.prompts
-    attn = norga.patched_layers(model)[0].module
+    attn = norga.patch.patched_layers(model)[0].module
     compiled_attn = torch.compile(attn, fullgraph=True, dynamic=True)
     pk, pv = (ref.heads(t, attn.num_heads).unsqueeze(0) for t in prompts.detach()[1, 0])
     for batch in (2, 5):
@@ -377,24 +378,24 @@ def test_flex_backend_in_a_patched_model(key, monkeypatch):
     model, size = _model(key)
     found = attention_layers(model)
     eligible = [layer.index for layer in found if not layer.windowed]
-    pool = PrefixPool(3, len(eligible), 4, norga.patch._width(found[0].module))
+    pool = PrefixPool(3, len(eligible), 4, norga.layers.attention_width(found[0].module))
     patch_vit(model, gate=NoRGaGate("gelu"), layers="all", prompt=pool, backend="flex")
     norga.set_task(model, torch.tensor([2, 0]))
     x = torch.randn(2, 3, size, size)
-    names = [layer.name for layer in norga.patched_layers(model)]
+    names = [layer.name for layer in norga.patch.patched_layers(model)]
     calls, handles = _record_calls(model, names)
     with torch.no_grad():
         model(x)
     for h in handles:
         h.remove()
     seen = []
-    real = norga.attention.prefix_attention
+    real = norga.layers.base.prefix_attention
 
     def spy(q, k, v, prefix, **kw):
         seen.append((q, k, v, prefix, kw))
         return real(q, k, v, prefix, **kw)
 
-    monkeypatch.setattr(norga.attention, "prefix_attention", spy)
+    monkeypatch.setattr(norga.layers.base, "prefix_attention", spy)
     o_in, handles = _proj_inputs(model, names)
     for name in names:
         model.get_submodule(name).backend = "math"

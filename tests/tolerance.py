@@ -152,7 +152,7 @@ def gate_args(gate: Optional[torch.nn.Module]) -> dict:
     """``act``, ``alpha``, ``tau`` of a built-in :class:`norga.NoRGaGate` (nothing for the linear gate)."""
     if gate is None:
         return {}
-    assert gate.builtin, "a custom activation: pass gate= and gate_slope= instead"
+    assert gate.activation_name in ACT_SLOPE, "a custom activation: pass gate= and gate_slope= instead"
     return {"act": gate.activation_name, "alpha": gate.alpha.item(), "tau": gate.tau.item()}
 
 
@@ -575,7 +575,7 @@ def network_tol(
         pk = pv = None
         kw = {}
         if getattr(mod, "prompt", None) is not None:
-            p = mod._resolve_prefix(q, None)
+            p = mod.prompt(q)  # a Prefix in head space (1 or B, H, L, D)
             pk, pv = p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1)
             kw = gate_args(mod.prefix_gate)
         e = _analysis(q, k, v, pk, pv, mod.scale, {"dtype": dtype, **kw}).e_o

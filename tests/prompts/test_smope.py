@@ -336,15 +336,15 @@ def test_prototype_loss():
 
 
 def test_training_phases():
-    P = norga.smope.Phase
-    assert norga.smope.training_phases(0, 10) == [P(True, 5), P(False, 10)]
-    assert norga.smope.training_phases(0, 3) == [P(True, 1), P(False, 3)]
-    assert norga.smope.training_phases(0, 1) == [P(False, 1)]  # int(1 / 2) = 0 dense epochs
-    assert norga.smope.training_phases(4, 10) == [P(False, 10)]
+    P = norga.prompts.Phase
+    assert norga.prompts.training_phases(0, 10) == [P(True, 5), P(False, 10)]
+    assert norga.prompts.training_phases(0, 3) == [P(True, 1), P(False, 3)]
+    assert norga.prompts.training_phases(0, 1) == [P(False, 1)]  # int(1 / 2) = 0 dense epochs
+    assert norga.prompts.training_phases(4, 10) == [P(False, 10)]
     with pytest.raises(ValueError, match="epochs must be >= 1"):
-        norga.smope.training_phases(0, 0)
+        norga.prompts.training_phases(0, 0)
     with pytest.raises(TypeError, match="task must be an int"):
-        norga.smope.training_phases(0.0, 2)
+        norga.prompts.training_phases(0.0, 2)
 
 
 def test_dense_warm_up_uses_every_expert():
@@ -385,8 +385,8 @@ def _tiny_vit(depth=8):
 
 def test_patch_vit_default_layers_and_model_helpers():
     model = norga.patch_vit(_tiny_vit(), prompt=norga.smope_factory(num_experts=6, top_k=2))
-    assert [layer.index for layer in norga.patched_layers(model)] == [0, 1, 2, 3, 4, 5]
-    layers = norga.smope_layers(model)
+    assert [layer.index for layer in norga.patch.patched_layers(model)] == [0, 1, 2, 3, 4, 5]
+    layers = norga.prompts.smope_layers(model)
     assert len(layers) == 6 and all(m.num_heads == 3 and m.dim == 192 and m.top_k == 2 for m in layers)
     model.train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()
@@ -409,8 +409,8 @@ def test_patch_vit_default_layers_and_model_helpers():
 
 def test_patch_vit_smope_with_explicit_layers_and_gate():
     model = norga.patch_vit(_tiny_vit(), layers=[1, 3], prompt=norga.smope_factory(4, 2, gate=NoRGaGate("gelu")))
-    layers = norga.smope_layers(model)
-    assert [layer.index for layer in norga.patched_layers(model)] == [1, 3]
+    layers = norga.prompts.smope_layers(model)
+    assert [layer.index for layer in norga.patch.patched_layers(model)] == [1, 3]
     assert layers[0].gate is not layers[1].gate  # each layer its own alpha, tau
 
 
@@ -463,7 +463,7 @@ def test_q_must_be_a_float_tensor():
 @pytest.mark.slow
 def test_compiles_fullgraph():
     model = norga.patch_vit(_tiny_vit(depth=6), prompt=norga.smope_factory(num_experts=8, top_k=3))
-    layers = norga.smope_layers(model)
+    layers = norga.prompts.smope_layers(model)
     model.train()
     x = torch.randn(2, 3, 32, 32)
     eager = model(x)

@@ -1,5 +1,6 @@
-"""The main job (examples/continual.py): paper-protocol loaders on fake datasets written here, a 1-epoch
-end-to-end run on them with a tiny timm ViT, a smoke run of every method on random images, and set-up errors.
+"""The main job (examples/continual.py and its package clstream): paper-protocol loaders on fake datasets written
+here, a 1-epoch end-to-end run on them with a tiny timm ViT, a smoke run of every method on random images, and
+set-up errors.
 
 Nothing is downloaded: the backbone comes from a local checkpoint the test writes.
 """
@@ -8,20 +9,23 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import continual
 import numpy as np
 import pytest
 import timm
 import torch
+from clstream import methods, sources, streams
+from clstream.classifier import lda_head, set_rows
+from clstream.config import Config, make_config
+from clstream.context import Context, build_context
 from tolerance import gamma
 
 import norga
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import cl_data  # noqa: E402
-import continual  # noqa: E402
+from norga import cl
+from norga.prompts import smope_layers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -49,7 +53,7 @@ def _png(path: Path, value: int) -> None:
 
 def test_load_cifar100(tmp_path: Path) -> None:
     _fake_cifar(tmp_path)
-    train, test, names = continual.load_cifar100(tmp_path)
+    train, test, names = streams.load_cifar100(tmp_path)
     assert train.images.shape == (80, 32, 32, 3) and train.images.dtype == torch.uint8
     assert test.labels.tolist() == np.repeat(np.arange(20), 2).tolist()
     assert names[:2] == ["c0", "c1"]
@@ -58,19 +62,19 @@ def test_load_cifar100(tmp_path: Path) -> None:
         raw = pickle.load(fh, encoding="bytes")[b"data"][5]
     np.testing.assert_array_equal(train.images[5].numpy(), raw.reshape(3, 32, 32).transpose(1, 2, 0))
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
-        continual.load_cifar100(tmp_path / "nowhere")
+        streams.load_cifar100(tmp_path / "nowhere")
 
 
 def test_load_imagenet_r_seeded_disjoint(tmp_path: Path) -> None:
     for c, wnid in enumerate(["n01443537", "n01484850", "n01494475"]):
         for i in range(5):
             _png(tmp_path / "imagenet-r" / wnid / f"art_{i}.jpg", 40 * c + i)
-    train, test, classes = continual.load_imagenet_r(tmp_path, seed=3)
+    train, test, classes = streams.load_imagenet_r(tmp_path, seed=3)
     assert classes == ["n01443537", "n01484850", "n01494475"]
     assert len(train) + len(test) == 15
     assert set(train.paths).isdisjoint(test.paths)
     assert sorted(test.labels.tolist()) == [0, 1, 2]
-    again = continual.load_imagenet_r(tmp_path, seed=3)[1]
+    again = streams.load_imagenet_r(tmp_path, seed=3)[1]
     assert again.paths == test.paths
     x = test.batch(torch.arange(len(test)), 16)
     assert x.shape == (3, 3, 16, 16)
@@ -91,18 +95,18 @@ def test_load_cub_official_split(tmp_path: Path) -> None:
     (base / "images.txt").write_text("\n".join(lines_img) + "\n")
     (base / "image_class_labels.txt").write_text("\n".join(lines_lab) + "\n")
     (base / "train_test_split.txt").write_text("\n".join(lines_split) + "\n")
-    train, test, classes = continual.load_cub(tmp_path)
+    train, test, classes = streams.load_cub(tmp_path)
     assert classes == ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
     assert train.labels.tolist() == [0, 0, 1, 1] and test.labels.tolist() == [0, 1]
     assert all(p.endswith("img_2.jpg") for p in test.paths)
     (base / "train_test_split.txt").unlink()
     with pytest.raises(FileNotFoundError, match="train_test_split.txt"):
-        continual.load_cub(tmp_path)
+        streams.load_cub(tmp_path)
 
 
 def test_paper_stream_splits(tmp_path: Path) -> None:
     _fake_cifar(tmp_path)
-    stream = continual.paper_stream("cifar100", tmp_path, seed=1, num_tasks=4)
+    stream = streams.paper_stream("cifar100", tmp_path, seed=1, num_tasks=4)
     assert len(stream.splits) == 4 and all(len(s) == 5 for s in stream.splits)
     assert sorted(c for s in stream.splits for c in s) == list(range(20))
 
@@ -167,29 +171,71 @@ def test_paper_protocol_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 # --------------------------------------------------------------------------------------------------
+# The budget presets and the classifier
+# --------------------------------------------------------------------------------------------------
+def test_make_config_presets_and_overrides() -> None:
+    cfg, data = make_config("offline", quick=True, seed=3, progress=False)
+    assert (cfg.epochs, cfg.batch_size, cfg.img_size, cfg.prompt_at, cfg.seed) == (2, 32, 56, "last", 3)
+    assert data == {"tasks_per_domain": 1, "train_per_class": 40, "test_per_class": 25}
+    cfg, data = make_config("offline", quick=False, seed=0, progress=True, epochs=5, test_per_class=7)
+    assert cfg.epochs == 5 and data == {"tasks_per_domain": 2, "train_per_class": 150, "test_per_class": 7}
+    cfg, data = make_config("imagenet-r", quick=False, seed=0, progress=True, batch_size=64)
+    assert (cfg.prompt_at, cfg.prompt_length, cfg.img_size, cfg.lr) == ("first", 20, 224, 0.03 * 64 / 256)
+    assert data == {}
+    cfg, _ = make_config("cifar100", quick=False, seed=0, progress=True, batch_size=64, lr=0.5)
+    assert (cfg.prompt_length, cfg.lr) == (5, 0.5)  # an explicit lr is not rescaled
+
+
+def test_lda_head_classifies_as_linear_discriminant_analysis() -> None:
+    # scikit-learn's LDA on the same samples: its covariance is the prior-weighted mean of the biased class
+    # covariances, ours the mean of the unbiased ones (equal class sizes: a factor n / (n - 1)), and its bias
+    # adds log priors (equal: a constant). Both change no decision, so the predicted classes must agree.
+    lda_cls = pytest.importorskip("sklearn.discriminant_analysis").LinearDiscriminantAnalysis
+    g = torch.Generator().manual_seed(0)
+    classes, n, dim = [4, 1, 7], 60, 5
+    mix = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    x = torch.cat([torch.randn(n, dim, generator=g, dtype=torch.float64) @ mix + 2 * c for c in range(3)])
+    y = torch.tensor(classes).repeat_interleave(n)
+    stats = cl.ClassStatistics()
+    stats.update(x, y)
+    weight, bias = lda_head(stats, classes, shrinkage=0.0)
+    probe = 3 * torch.randn(300, dim, generator=g, dtype=torch.float64) @ mix + 2  # around all three classes
+    ours = torch.tensor(classes)[(probe.float() @ weight.T + bias).argmax(1)]
+    theirs = lda_cls(solver="lsqr").fit(x.numpy(), y.numpy()).predict(probe.numpy())
+    assert set(theirs.tolist()) == set(classes)
+    assert ours.tolist() == theirs.tolist()  # the nearest class mean would disagree on 183 of them
+    head = torch.nn.Linear(dim, 8)
+    before = head.weight.detach().clone()
+    set_rows(head, classes, weight, bias)
+    assert torch.equal(head.weight[classes], weight) and torch.equal(head.bias[classes], bias)
+    others = [c for c in range(8) if c not in classes]
+    assert torch.equal(head.weight[others], before[others])
+
+
+# --------------------------------------------------------------------------------------------------
 # The training loop on random images (offline-stream code path: cached frozen blocks)
 # --------------------------------------------------------------------------------------------------
 def _random_stream(
     num_tasks: int = 2, classes_per_task: int = 3, train_per: int = 6, test_per: int = 3, size: int = 16
-) -> continual.Stream:
+) -> streams.Stream:
     g = torch.Generator().manual_seed(0)
     c = num_tasks * classes_per_task
 
-    def make(per: int) -> continual.ImageSet:
+    def make(per: int) -> streams.ImageSet:
         labels = torch.arange(c).repeat_interleave(per)
         base = (labels * (200 // c)).view(-1, 1, 1).to(torch.int64)
         imgs = (base + torch.randint(0, 50, (labels.numel(), size, size), generator=g)).clamp(0, 255)
-        return continual.ImageSet(imgs.to(torch.uint8), None, labels)
+        return streams.ImageSet(imgs.to(torch.uint8), None, labels)
 
     splits = [list(range(t * classes_per_task, (t + 1) * classes_per_task)) for t in range(num_tasks)]
-    return continual.Stream("random", make(train_per), make(test_per), splits, [str(i) for i in range(c)])
+    return streams.Stream("random", make(train_per), make(test_per), splits, [str(i) for i in range(c)])
 
 
-def _tiny_context(prompt_at: str = "last") -> continual.Context:
+def _tiny_context(prompt_at: str = "last") -> Context:
     backbone = timm.create_model(
         "vit_small_patch14_dinov2", pretrained=False, img_size=28, embed_dim=32, depth=4, num_heads=2, num_classes=0
     )
-    cfg = continual.Config(
+    cfg = Config(
         epochs=1,
         batch_size=8,
         img_size=28,
@@ -201,14 +247,14 @@ def _tiny_context(prompt_at: str = "last") -> continual.Context:
         prompt_at=prompt_at,
         progress=False,
     )
-    return continual.build_context(_random_stream(), backbone, cfg)
+    return build_context(_random_stream(), backbone, cfg)
 
 
-@pytest.mark.parametrize("method", continual.METHODS)
+@pytest.mark.parametrize("method", methods.METHODS)
 def test_every_method_runs_on_random_images(method: str) -> None:
     ctx = _tiny_context()
     assert ctx.start == 2 and ctx.train_in.tokens is not None  # blocks 0-1 cached
-    r = continual.run_method(ctx, method)
+    r = methods.run_method(ctx, method)
     acc = r["acc_matrix"]
     assert acc[0][1] is None
     assert all(0.0 <= acc[t][j] <= 100.0 for t in range(2) for j in range(t + 1))
@@ -223,7 +269,7 @@ def test_pool_method_keeps_past_prompts_and_head_rows() -> None:
     # head rows of that task's classes never change after the task (frozen pool, masked loss, row-wise TAP).
     ctx = _tiny_context()
     ctx.stream = _random_stream(num_tasks=3)
-    ctx = continual.build_context(ctx.stream, ctx.backbone, ctx.cfg)
+    ctx = build_context(ctx.stream, ctx.backbone, ctx.cfg)
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def on_task_end(t: int, pool: torch.nn.Module, head: torch.nn.Linear) -> None:
@@ -236,15 +282,15 @@ def test_pool_method_keeps_past_prompts_and_head_rows() -> None:
             (pool.prompts[t].detach().clone(), head.weight[rows].detach().clone(), head.bias[rows].detach().clone())
         )
 
-    continual.run_pool(ctx, "tanh", on_task_end=on_task_end)
+    methods.run_pool(ctx, "tanh", on_task_end=on_task_end)
     assert len(seen) == 3
 
 
 def test_smope_follows_the_authors_schedule_and_counting(monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = _tiny_context()
     ctx.cfg.epochs = 2
-    calls: list[tuple[int, int, bool, bool]] = []  # (task, epochs, dense, new optimizer per call)
-    train_loop = continual._train_loop
+    calls: list[tuple[int, int, bool, bool]] = []  # (task, epochs, dense, every layer in the same mode)
+    real_batches = methods.task_batches
     models: list[torch.nn.Module] = []
     real_patch = norga.patch_vit
 
@@ -252,24 +298,35 @@ def test_smope_follows_the_authors_schedule_and_counting(monkeypatch: pytest.Mon
         models.append(model)
         return real_patch(model, **kw)
 
-    def recording_loop(c: continual.Context, task: int, params: list, loss_fn: object, **kw: object) -> None:
-        layers = norga.smope_layers(models[0])
-        calls.append((task, int(kw["epochs"]), layers[0].dense, all(m.dense == layers[0].dense for m in layers)))
-        train_loop(c, task, params, loss_fn, **kw)
+    def recording_batches(
+        c: Context, task: int, epochs: int, gen: torch.Generator, desc: str
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        layers = smope_layers(models[0])
+        calls.append((task, epochs, layers[0].dense, all(m.dense == layers[0].dense for m in layers)))
+        return real_batches(c, task, epochs, gen, desc)
+
+    optimizers: list[torch.optim.Optimizer] = []
+    real_adam = torch.optim.Adam
+
+    def adam(*args: object, **kw: object) -> torch.optim.Optimizer:
+        optimizers.append(real_adam(*args, **kw))
+        return optimizers[-1]
 
     counts: list[float] = []
     real_end_task = norga.end_task
 
     def end_task(model: torch.nn.Module) -> None:
-        counts.append(sum(float(m.usage.sum()) for m in norga.smope_layers(model)))
+        counts.append(sum(float(m.usage.sum()) for m in smope_layers(model)))
         real_end_task(model)
 
-    monkeypatch.setattr(continual.norga, "patch_vit", patch)
-    monkeypatch.setattr(continual, "_train_loop", recording_loop)
-    monkeypatch.setattr(continual.norga, "end_task", end_task)
-    continual.run_smope(ctx)
+    monkeypatch.setattr(norga, "patch_vit", patch)
+    monkeypatch.setattr(methods, "task_batches", recording_batches)
+    monkeypatch.setattr(methods.torch.optim, "Adam", adam)
+    monkeypatch.setattr(norga, "end_task", end_task)
+    methods.run_smope(ctx)
     # task 0: dense warm-up for epochs // 2, then sparse for all epochs; task 1: sparse only
     assert calls == [(0, 1, True, True), (0, 2, False, True), (1, 2, False, True)]
+    assert len(optimizers) == len(calls)  # a fresh optimizer for every phase
     # counting pass over each task's training data: samples x heads x top-K x SMoPE layers, cumulative
     per_task = [int(torch.isin(ctx.stream.train.labels, torch.tensor(s)).sum()) for s in ctx.stream.splits]
     heads, k, layers = 2, ctx.cfg.smope_top_k, ctx.cfg.smope_layers
@@ -279,7 +336,7 @@ def test_smope_follows_the_authors_schedule_and_counting(monkeypatch: pytest.Mon
 def test_prompt_at_first_runs_whole_backbone() -> None:
     ctx = _tiny_context(prompt_at="first")
     assert ctx.start == 0 and ctx.train_in.tokens is None
-    r = continual.run_method(ctx, "norga-gelu")
+    r = methods.run_method(ctx, "norga-gelu")
     assert r["acc_matrix"][1][0] is not None
 
 
@@ -290,9 +347,9 @@ def test_missing_data_source_exits_cleanly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def fail(*args: object, **kwargs: object) -> None:
-        raise cl_data.DataSourceError("animal_mnist", "files not found", manual="pip download ...")
+        raise sources.DataSourceError("animal_mnist", "files not found", manual="pip download ...")
 
-    monkeypatch.setattr(cl_data, "ensure_sources", fail)
+    monkeypatch.setattr(sources, "ensure_sources", fail)
     rc = continual.main(["--quick", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "r.json"), "--no-plot"])
     assert rc == 1
     err = capsys.readouterr().err

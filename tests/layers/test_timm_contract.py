@@ -109,7 +109,7 @@ def _width(module: nn.Module) -> int:
 
 
 def _global_layers(model: nn.Module) -> list:
-    return [layer for layer in norga.attention_layers(model) if not layer.windowed]
+    return [layer for layer in norga.patch.attention_layers(model) if not layer.windowed]
 
 
 def _patch(model: nn.Module, mode: str) -> nn.Module:
@@ -125,7 +125,7 @@ def _patch(model: nn.Module, mode: str) -> nn.Module:
             norga.set_task(model, TASK)
         else:
             norga.patch_vit(model, layers="all", prompt=norga.smope_factory(num_experts=EXPERTS, top_k=TOP_K))
-    assert norga.patched_layers(model)
+    assert norga.patch.patched_layers(model)
     return model
 
 
@@ -229,7 +229,7 @@ def _roundings(model: nn.Module, backward: bool = False) -> int:
         elif hasattr(m, "normalized_shape"):
             c = math.prod(m.normalized_shape)
             n += 2 * c + 5 + (2 * c + rows if backward else 0)
-    for layer in norga.attention_layers(model):
+    for layer in norga.patch.attention_layers(model):
         d = _width(layer.module) // layer.module.num_heads
         n += 2 * (d + 3) + 3 * (tokens + PREFIX_LENGTH) + 88 + tokens + d + 8
         if backward:
@@ -272,7 +272,7 @@ def _prompted_attention(model: nn.Module, run, x: torch.Tensor) -> dict:
     """``run(x)`` (the model, or a graph traced from it) recording the first prompted layer's ``q``, ``k`` (after
     qk-norm), the ``qkv`` output and the attention output (the projection's input), through hooks on submodules
     that a traced graph calls as modules too. For timm's ``Attention`` (``PrefixMoEAttention``) layers."""
-    attn = norga.patched_layers(model)[0].module
+    attn = norga.patch.patched_layers(model)[0].module
     seen: dict = {}
 
     def keep(name):
@@ -296,7 +296,7 @@ def _prompted_attention(model: nn.Module, run, x: torch.Tensor) -> dict:
 def _assert_prompted_attention(model: nn.Module, seen: dict, mode: str, what: str) -> None:
     """The recorded attention output equals the float64 equations (tests/reference.py) on the recorded ``q, k, v``
     and the layer's prefix, within tolerance.py's ``attention_tol``."""
-    attn = norga.patched_layers(model)[0].module
+    attn = norga.patch.patched_layers(model)[0].module
     q, k = seen["q"], seen["k"]
     v = seen["qkv"].unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)[2]
     logits, gate = None, {}
@@ -345,7 +345,7 @@ def test_backward(key, mode):
         assert g is not None, f"{name} got no gradient"
         assert torch.isfinite(g).all(), f"{name} has a non-finite gradient"
     norga_names = set(grads) - set(dict(reference.named_parameters()))
-    layers = norga.patched_layers(model)
+    layers = norga.patch.patched_layers(model)
     if mode == "plain":  # no new parameter, and exactly timm's gradients
         assert not norga_names
         reference = _train_all(copy.deepcopy(reference))
@@ -395,7 +395,7 @@ def test_fx_symbolic_trace(key, mode):
         assert_within(traced, eager, bound, f"{key}/{mode} fx")
         with torch.no_grad():
             _assert_prompts_act(traced, reference(x), bound, f"{key}/{mode} fx")
-        first = norga.patched_layers(model)[0].module
+        first = norga.patch.patched_layers(model)[0].module
         if type(first) is norga.PrefixMoEAttention and isinstance(first.q_norm, nn.Identity):
             # _bound is loose (worst case over the whole network); the first prompted layer, which gets the same
             # q, k, v in both, is held to the float64 equations within the attention's own bound, traced and eager
@@ -441,7 +441,7 @@ def test_fx_feature_extraction(key, mode):
                 assert torch.equal(got, want[i]), f"block {i}"
             else:
                 assert_within(got, want[i], _bound(model, want[i]), f"{key}/{mode} block {i}")
-    first = norga.patched_layers(model)[0].module
+    first = norga.patch.patched_layers(model)[0].module
     if mode != "plain" and type(first) is norga.PrefixMoEAttention and isinstance(first.q_norm, nn.Identity):
         seen = _prompted_attention(model, extractor, x)  # the extractor's prompted attention: the equations
         _assert_prompted_attention(model, seen, mode, f"{key}/{mode} feature extractor")
@@ -455,7 +455,7 @@ def test_reset_classifier(key, mode):
     reference, model, x = _case(key, mode)
     added = {k: v.clone() for k, v in model.state_dict().items() if k not in reference.state_dict()}
     assert bool(added) == (mode != "plain")
-    layers = [(layer.name, layer.module) for layer in norga.patched_layers(model)]
+    layers = [(layer.name, layer.module) for layer in norga.patch.patched_layers(model)]
     pool = getattr(model, "prompt_pool", None)
     with torch.no_grad():
         features = model.forward_features(x)
@@ -465,7 +465,7 @@ def test_reset_classifier(key, mode):
         out = model(x)
         assert torch.equal(model.forward_features(x), features)  # the prompts still act as before
     assert out.shape == (BATCH, 7) and torch.isfinite(out).all()
-    assert [(layer.name, layer.module) for layer in norga.patched_layers(model)] == layers
+    assert [(layer.name, layer.module) for layer in norga.patch.patched_layers(model)] == layers
     assert getattr(model, "prompt_pool", None) is pool
     state = model.state_dict()
     for k, v in added.items():

@@ -1,9 +1,9 @@
-"""Input validation shared by the public API (private module).
+"""Argument validation for the whole package (private module): its only home.
 
-Every check raises a ``TypeError`` (wrong kind or dtype) or a ``ValueError`` (wrong shape or value) whose
+Every check raises a `TypeError` (wrong kind or dtype) or a `ValueError` (wrong shape or value) whose
 message names what was expected and what was given, so that a bad call never surfaces as a
-``RuntimeError`` or ``IndexError`` from deep inside torch, a hard crash of a fused kernel, or a silently
-wrong result (the fused CPU kernel does not check that ``k`` and ``v`` match ``q``).
+`RuntimeError` or `IndexError` from deep inside torch, a hard crash of a fused kernel, or a silently
+wrong result (the fused CPU kernel does not check that `k` and `v` match `q`).
 """
 
 from __future__ import annotations
@@ -14,31 +14,68 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import torch
+from torch import nn
 
 __all__ = [
-    "fail",
-    "refuse_torchscript",
     "check_attention_inputs",
+    "check_bool",
+    "check_float_tensor",
     "check_int",
     "check_mask",
+    "check_model",
     "check_prefix_dims",
+    "check_real",
+    "fail",
+    "refuse_torchscript",
     "shape_str",
 ]
 
 
 def shape_str(t: torch.Tensor | Sequence[int]) -> str:
-    """``(2, 3, 4)`` for a tensor or a shape."""
+    """`(2, 3, 4)` for a tensor or a shape."""
     dims = t.shape if isinstance(t, torch.Tensor) else t
     return "(" + ", ".join(str(int(s)) for s in dims) + ")"
 
 
-def check_int(name: str, value: object, minimum: int = 0) -> int:
-    """``value`` as an ``int`` of at least ``minimum``; ``TypeError`` for non-integers (and bools)."""
+def check_int(name: str, value: object, minimum: int | None = 0) -> int:
+    """`value` as an `int` of at least `minimum` (`None`: any); `TypeError` for non-integers and bools."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_real(
+    name: str, value: object, *, minimum: float | None = None, maximum: float | None = None, positive: bool = False
+) -> float:
+    """`value` as a finite `float` in `[minimum, maximum]` (`> 0` if `positive`); bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and x <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if (minimum is not None and x < minimum) or (maximum is not None and x > maximum):
+        lo = "-inf" if minimum is None else f"{minimum:g}"
+        hi = "inf" if maximum is None else f"{maximum:g}"
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+    return x
+
+
+def check_bool(name: str, value: object) -> bool:
+    """`value` itself if it is a `bool` (not a string, an int or a tensor)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def check_model(what: str, model: object) -> nn.Module:
+    """`model` itself if it is an `nn.Module`; `what` names the caller in the message."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: model must be an nn.Module (a patched model), got {type(model).__name__}")
+    return model
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -47,8 +84,17 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
+def check_float_tensor(name: str, value: object) -> torch.Tensor:
+    """`value` itself if it is a floating-point tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
 def check_mask(name: str, mask: object, target: tuple[int, int, int, int]) -> torch.Tensor | None:
-    """``mask`` is ``None`` or a boolean / floating tensor broadcastable to ``target`` ``(B, H, N, M)``."""
+    """`mask` is `None` or a boolean / floating tensor broadcastable to `target` `(B, H, N, M)`."""
     if mask is None:
         return None
     mask = _check_tensor(name, mask)
@@ -67,19 +113,13 @@ def check_mask(name: str, mask: object, target: tuple[int, int, int, int]) -> to
 
 
 def check_attention_inputs(
-    q: object,
-    k: object,
-    v: object,
-    *,
-    attn_bias: object = None,
-    scale: object = None,
-    dropout_p: object = 0.0,
+    q: object, k: object, v: object, *, attn_bias: object = None, scale: object = None, dropout_p: object = 0.0
 ) -> None:
-    """Validate the arguments of :func:`norga.functional.prefix_attention`.
+    """Validate the arguments of [`prefix_attention`][norga.functional.prefix_attention].
 
-    ``q`` is ``(B, H, N, D)``; ``k`` and ``v`` are ``(B, H, M, D)`` with the same floating dtype and device
-    as ``q``; ``H`` and ``D`` are positive; ``attn_bias`` is broadcastable to ``(B, H, N, M)``; ``scale`` is
-    ``None`` or a finite real number; ``dropout_p`` is in ``[0, 1]``.
+    `q` is `(B, H, N, D)`; `k` and `v` are `(B, H, M, D)` with the same floating dtype and device
+    as `q`; `H` and `D` are positive; `attn_bias` is broadcastable to `(B, H, N, M)`; `scale` is
+    `None` or a finite real number; `dropout_p` is in `[0, 1]`.
     """
     q = _check_tensor("q", q)
     k = _check_tensor("k", k)
@@ -120,7 +160,7 @@ def check_attention_inputs(
 
 
 def check_prefix_dims(batch: object, num_heads: object, head_dim: object, num_queries: object) -> None:
-    """Validate the sizes passed to :func:`norga.functional.normalize_prefix`."""
+    """Validate the sizes passed to [`normalize_prefix`][norga.functional.normalize_prefix]."""
     check_int("batch", batch, 0)
     check_int("num_heads", num_heads, 1)
     check_int("head_dim", head_dim, 1)
@@ -129,7 +169,7 @@ def check_prefix_dims(batch: object, num_heads: object, head_dim: object, num_qu
 
 
 def refuse_torchscript(module: object) -> NoReturn:
-    """``__prepare_scriptable__`` of norga's modules: ``torch.jit.script`` calls it first, on every submodule."""
+    """`__prepare_scriptable__` of norga's modules: `torch.jit.script` calls it first, on every submodule."""
     raise NotImplementedError(
         f"norga: TorchScript is not supported ({type(module).__name__} cannot be scripted). Use torch.export.export"
         "(model, (x,)) or torch.compile(model) instead (both work with prompts), or norga.unpatch_vit(model) to "
@@ -138,11 +178,11 @@ def refuse_torchscript(module: object) -> NoReturn:
 
 
 def fail(error: Exception) -> NoReturn:
-    """Raise ``error`` from a forward; inside ``torch.compile`` first a graph break that carries its message.
+    """Raise `error` from a forward; inside `torch.compile` first a graph break that carries its message.
 
-    Dynamo reports an exception raised in a ``fullgraph=True`` region as "Observed exception" and keeps the
+    Dynamo reports an exception raised in a `fullgraph=True` region as "Observed exception" and keeps the
     message in its debug context; a graph break with the message puts it in the error's explanation.
-    Without ``fullgraph`` the break runs the rest eagerly, which raises ``error`` itself.
+    Without `fullgraph` the break runs the rest eagerly, which raises `error` itself.
     """
     if torch.compiler.is_compiling():
         torch._dynamo.graph_break(msg=f"norga: {type(error).__name__}: {error}")

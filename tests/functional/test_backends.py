@@ -414,9 +414,9 @@ def test_fully_masked_token_rows_attend_to_the_prefix_alone(backend, grad):
 def test_merge_without_autograd_in_chunks_of_samples(monkeypatch, per_chunk, gate_name):
     """The in-place path works through the batch in chunks of samples (1 and 2 here, so B=3 ends with a
     partial chunk): the same result as the float64 reference."""
-    import norga.functional as nf
+    import norga.functional.merge as nf
 
-    monkeypatch.setattr(nf, "_EPILOGUE_ELEMENTS", per_chunk * H * (L + 1) * N)
+    monkeypatch.setattr(nf, "EPILOGUE_ELEMENTS", per_chunk * H * (L + 1) * N)
     _, q, k, v = _qkv()
     q, k, v = q.detach(), k.detach(), v.detach()
     pk, pv = torch.randn(B, L, H * D), torch.randn(B, L, H * D)

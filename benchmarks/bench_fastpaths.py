@@ -1,0 +1,110 @@
+"""Is each CPU fast path of the `merge` backend worth keeping? Inference (no autograd), one layer.
+
+The `merge` backend's inference path (`norga.functional.merge.merge_attention_no_grad`) has two fast paths
+beyond the plain form. Each contender removes one of them; the ratios are to `epilogue` (everything on):
+
+- `epilogue`: `prefix_attention(..., backend="merge")` under `torch.no_grad()`: per-sample prefix scores from
+  the strided `q`, chunks of samples whose working buffer fits in `EPILOGUE_ELEMENTS`, the gate applied in
+  place through the gate protocol's `inplace_`.
+- `no-inplace`: the same with a gate that does not offer `inplace_` (a plain function calling the same
+  `NoRGaGate`): the scores are built and gated on the whole `(B, H, N, L)` block first.
+- `one-chunk`: the same as `epilogue` with the whole batch in one chunk (`EPILOGUE_ELEMENTS` set to the batch's
+  size): measures the chunking.
+- `batched`: the autograd path's forward (`merge_attention`) run under `torch.no_grad()`: the simplest code that
+  computes the same result.
+
+A fast path stays in the library if it is at least 3 % faster than the simpler code at the target shapes
+(docs/benchmarks.md). Interleaved rounds, medians; `--clock cpu` with `--threads 1` measures work on a shared
+machine.
+
+    python benchmarks/bench_fastpaths.py --threads 1 --clock cpu --repeats 40 --out fastpaths.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import norga.functional.merge as merge_module  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CLOCKS,
+    LAYOUTS,
+    format_table,
+    interleaved,
+    machine_info,
+    make_gate,
+    make_inputs,
+    median_ms,
+    write_json,
+)
+from norga.functional import Prefix, prefix_attention, prefix_scores  # noqa: E402
+
+
+def contenders(q, k, v, pk, pv, gate) -> Dict[str, Callable[[], torch.Tensor]]:
+    scale = q.shape[-1] ** -0.5
+    prefix = Prefix(pk, pv)
+
+    def epilogue() -> torch.Tensor:
+        return prefix_attention(q, k, v, prefix, gate=gate, backend="merge")
+
+    def no_inplace() -> torch.Tensor:
+        return prefix_attention(q, k, v, prefix, gate=lambda s: gate(s), backend="merge")
+
+    def one_chunk() -> torch.Tensor:
+        kept = merge_module.EPILOGUE_ELEMENTS
+        merge_module.EPILOGUE_ELEMENTS = q.shape[0] * q.shape[1] * (pk.shape[-2] + 1) * q.shape[2]
+        try:
+            return prefix_attention(q, k, v, prefix, gate=gate, backend="merge")
+        finally:
+            merge_module.EPILOGUE_ELEMENTS = kept
+
+    def batched() -> torch.Tensor:
+        return merge_module.merge_attention(q, k, v, prefix_scores(q, pk, scale, gate), pv, None, scale)
+
+    return {"epilogue": epilogue, "no-inplace": no_inplace, "one-chunk": one_chunk, "batched": batched}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
+    """Run the comparison; returns one row per batch size and contender (also written to `--out`)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--B", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--N", type=int, default=197)
+    p.add_argument("--L", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=CLOCKS, default="wall")
+    p.add_argument("--layout", choices=LAYOUTS, default="qkv")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", default=None)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gate = make_gate()
+    rows, results = [], []
+    for b in args.B:
+        q, k, v, pk, pv = make_inputs(b, args.N, args.L, heads=args.heads, head_dim=args.head_dim, layout=args.layout)
+        fns = contenders(q, k, v, pk, pv, gate)
+        with torch.no_grad():
+            ref = fns["batched"]()
+            for name, fn in fns.items():  # every contender computes the same attention
+                torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-5, msg=name)
+            times = interleaved(fns, args.repeats, clock=args.clock)
+        base = median_ms(times["epilogue"])
+        for name, samples in times.items():
+            ms = median_ms(samples)
+            rows.append([str(b), name, f"{ms:.2f}", f"{ms / base:.3f}"])
+            results.append({"B": b, "N": args.N, "L": args.L, "contender": name, "median_ms": ms, "ratio": ms / base})
+    print(format_table(rows, ["B", "contender", "median ms", "/ epilogue"]))
+    write_json(args.out, {"machine": machine_info(), "args": vars(args), "results": results})
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The `flex` backend: FlexAttention over `[prefix; tokens]` with the gate as a `score_mod`.
+
+One fused kernel compiled by inductor (Triton on CUDA, C++ on CPU): the scores are never materialised, and
+`logits` and the token bias are read inside the kernel by index. The gate is called inside the `score_mod` on
+scalar scores, so it must be traceable by `torch.compile` (a `NoRGaGate` is). Opt-in. PyTorch has no
+FlexAttention backward on CPU, so there it runs without autograd only. The first call per shape and gate
+compiles (seconds). No dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .prefix import Gate
+
+__all__ = ["flex_attention", "flex_available"]
+
+
+def flex_available(device: torch.device) -> bool:
+    """Whether FlexAttention can run on `device` (CPU or CUDA, torch >= 2.5)."""
+    if device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - torch >= 2.5 has it
+        return False
+    return True
+
+
+_COMPILED: list[Callable[..., torch.Tensor]] = []  # the compiled flex_attention, built on first use
+
+
+def _compiled() -> Callable[..., torch.Tensor]:
+    if not _COMPILED:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        _COMPILED.append(torch.compile(flex))  # fused only when compiled; inlined inside an outer torch.compile
+    return _COMPILED[0]
+
+
+def flex_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    gate: Gate,
+    logits: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """FlexAttention over `[pk; k]`, `[pv; v]`; `gate(prefix score)` on the first `L` columns.
+
+    Raises:
+        ValueError: a gradient is needed on CPU, where PyTorch has no FlexAttention backward.
+    """
+    b, h, _, _ = q.shape
+    length = pk.shape[-2]
+    if q.device.type == "cpu" and torch.is_grad_enabled():
+        needs = [t for t in (q, k, v, pk, pv, logits, bias) if t is not None and t.requires_grad]
+        if needs or (isinstance(gate, torch.nn.Module) and any(p.requires_grad for p in gate.parameters())):
+            raise ValueError(
+                "backend 'flex' has no backward on CPU (a PyTorch limitation); use 'merge' or 'auto' when "
+                "training on CPU, or run under torch.no_grad()"
+            )
+    keys = torch.cat([pk.to(k.dtype).expand(b, h, -1, -1), k], dim=-2)
+    values = torch.cat([pv.to(v.dtype).expand(b, h, -1, -1), v], dim=-2)
+
+    def at(t: torch.Tensor, bi: Any, hi: Any, qi: Any, ki: Any) -> torch.Tensor:  # index a (B|1, H|1, N|1, X)
+        return t[bi if t.shape[0] > 1 else 0, hi if t.shape[1] > 1 else 0, qi if t.shape[2] > 1 else 0, ki]
+
+    def score_mod(score: torch.Tensor, bi: Any, hi: Any, qi: Any, ki: Any) -> torch.Tensor:
+        pre = score if logits is None else at(logits, bi, hi, qi, ki.clamp(max=length - 1)).to(score.dtype)
+        tok = score if bias is None else score + at(bias, bi, hi, qi, (ki - length).clamp(min=0)).to(score.dtype)
+        return torch.where(ki < length, pre if gate is None else gate(pre), tok)
+
+    out = _compiled()(q, keys, values, score_mod=score_mod, scale=scale)
+    return out.to(v.dtype)

@@ -1,0 +1,208 @@
+"""The `merge` backend: fused token attention merged exactly with the small gated prefix block.
+
+PyTorch's fused CPU flash kernel attends over the tokens and returns `o_tok` and its log-sum-exp `lse_tok`. One
+softmax over the `L + 1` columns `[g_1, ..., g_L, lse_tok]` gives at once the prefix block `p` of the full softmax
+and the weight `w = exp(lse_tok - lse)` of the token part, so
+
+    out = p @ pv + w * o_tok,      lse = logsumexp([g, lse_tok])
+
+The backward runs the fused backward kernel with the *merged* `lse` and output: its recomputed probabilities and
+row sums are then those of the full softmax, so `dq`, `dk`, `dv` are exact; the prefix block's gradients are
+explicit. No `N x N` buffer (except to differentiate a token bias that itself requires grad). Float32 after the
+kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .prefix import Gate, float32, prefix_scores
+
+__all__ = ["cpu_flash_available", "merge_attention", "merge_attention_no_grad"]
+
+
+def cpu_flash_available() -> bool:
+    """Whether this torch has the fused CPU flash kernel and its backward (`merge`'s token attention)."""
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    )
+
+
+def _token_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused CPU flash kernel over the tokens: `(o_tok, lse_tok)`.
+
+    The kernel reports a query row whose token keys are all masked (`bias` is `-inf` on the whole row) with
+    `lse_tok = 0` and a zero output. Such a row's `lse_tok` is set to `-inf` here, so that the merge gives it the
+    softmax over the prefix columns alone, as the full softmax does.
+    """
+    o_tok, lse_tok = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=bias, scale=scale
+    )
+    if bias is not None:
+        lse_tok = lse_tok.masked_fill(torch.isneginf(bias).all(dim=-1), float("-inf"))
+    return o_tok, lse_tok
+
+
+def _merged_lse(lse_tok: torch.Tensor, w_tok: torch.Tensor) -> torch.Tensor:
+    """`logsumexp([g, lse_tok])` from the token weight `w_tok = exp(lse_tok - lse)`: `lse_tok - log(w_tok)`.
+
+    Where `w_tok` underflows to 0 (the prefix outweighs every token by ~100 nats, or every token is masked) `lse`
+    is `+inf`: the token columns' weights `exp(t - lse)` are then 0, as they are to float32 precision.
+    """
+    lse_tok = lse_tok.float()
+    return torch.where(w_tok > 0, lse_tok - torch.log(w_tok), torch.full_like(lse_tok, float("inf")))
+
+
+def _bias4d(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    bias = bias.to(dtype)
+    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)) if bias.dim() < 4 else bias
+
+
+class _MergeFunction(torch.autograd.Function):
+    """`out = p @ pv + w * o_tok` (module docstring) with the fused kernels' exact backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None,
+        g: torch.Tensor,
+        pv: torch.Tensor,
+        scale: float,
+        need_lse: bool,
+    ) -> torch.Tensor:
+        o_tok, lse_tok = _token_attention(q, k, v, bias, scale)
+        length = g.shape[-1]
+        with float32(q):
+            cols = torch.cat([g, lse_tok.float().unsqueeze(-1)], dim=-1)  # (B, H, N, L + 1)
+            weights = torch.softmax(cols, dim=-1)
+            # in the kernel's memory layout ((B, N, H, D) for timm's strided q): the module's transpose(1, 2)
+            # .reshape(B, N, C) after it is free, and the gradient arrives in that layout
+            out = o_tok.float().mul(weights[..., length:]).add_(torch.matmul(weights[..., :length], pv.float()))
+            out = out.to(v.dtype)
+            lse = _merged_lse(lse_tok, weights[..., length]) if need_lse else cols.new_empty(0)
+        ctx.save_for_backward(q, k, v, bias, weights, pv, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, bias, weights, pv, out, lse = ctx.saved_tensors
+        length = pv.shape[-2]
+        p_pre = weights[..., :length]  # the prefix block of the full softmax (the last column is the tokens')
+        scale = ctx.scale
+        lse_k = lse.double() if q.dtype == torch.float64 else lse  # the kernel keeps float64 inputs' lse in float64
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse_k, 0.0, False, attn_mask=bias, scale=scale
+        )
+        dg = dpv = dbias = None
+        with float32(q):
+            do32 = grad_out.float()
+            need_delta = ctx.needs_input_grad[4] or (bias is not None and ctx.needs_input_grad[3])
+            delta = (do32 * out.float()).sum(dim=-1, keepdim=True) if need_delta else None
+            if ctx.needs_input_grad[4] and ctx.needs_input_grad[5]:
+                do32 = do32.contiguous()  # one copy for both GEMMs (each would copy a strided operand)
+            if ctx.needs_input_grad[4]:
+                assert delta is not None
+                dg = torch.matmul(do32, pv.float().transpose(-2, -1)).sub_(delta).mul_(p_pre)
+            if ctx.needs_input_grad[5]:  # contiguous left operand: all L + 1 rows, then drop the tokens' row
+                dpv = torch.matmul(weights.transpose(-2, -1), do32)[..., :length, :].to(pv.dtype)
+            if bias is not None and ctx.needs_input_grad[3]:
+                s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + bias.float()
+                p_tok = torch.exp(s - lse.unsqueeze(-1))
+                assert delta is not None
+                ds = p_tok * (torch.matmul(do32, v.float().transpose(-2, -1)) - delta)
+                dbias = ds.sum_to_size(bias.shape).to(bias.dtype)
+        # q's gradient through the prefix scores flows back through g, outside this function
+        return dq, dk, dv, dbias, dg, dpv, None, None
+
+
+def merge_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    pv: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """`merge` for gated prefix scores `g` `(B, H, N, L)`, differentiable in every input."""
+    b, h, _, _ = q.shape
+    bias = _bias4d(bias, q.dtype)
+    pv = pv.expand(b, h, -1, -1)
+    need_lse = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, g, pv))
+    out: torch.Tensor = _MergeFunction.apply(q, k, v, bias, g, pv, scale, need_lse)
+    return out
+
+
+#: Float32 elements of the inference epilogue's working buffer (4 MiB): samples are processed in chunks of
+#: this size (see docs/benchmarks.md).
+EPILOGUE_ELEMENTS = 2**20
+
+
+def merge_attention_no_grad(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    gate: Gate,
+    logits: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """`merge` without autograd (inference): the same equations, with a working buffer instead of temporaries.
+
+    After the fused token kernel the batch is processed in chunks of samples whose float32 buffer of
+    `(H, L + 1, N)` rows per sample fits in `EPILOGUE_ELEMENTS`: rows `0..L-1` hold the prefix scores
+    `scale * pk . q`, computed per sample straight from the strided `q` that timm's `qkv` split gives (no copy
+    of `q`) and gated in place through the gate's `inplace_` (the gate protocol, `norga.gates`); row `L` holds
+    `lse_tok`; one softmax over the rows gives the prefix weights and the token weight. `p @ pv` goes into a
+    small contiguous temporary, and one `addcmul` writes `w * o_tok + p @ pv` over the kernel's output, in its
+    memory layout. Given `logits`, or a gate without `inplace_` (or one that declines), the scores are built
+    and gated on the whole `(B, H, N, L)` block first, exactly as on the autograd path.
+    """
+    bias = _bias4d(bias, q.dtype)
+    o_tok, lse_tok = _token_attention(q, k, v, bias, scale)
+    b, h, n, _ = q.shape
+    length = pk.shape[-2]
+    with float32(q):
+        out = o_tok if o_tok.dtype == torch.float32 else o_tok.float()  # a float32 kernel output is ours
+        inplace = getattr(gate, "inplace_", None) if gate is not None else None
+        g = None
+        if logits is None and (gate is None or inplace is not None):
+            # [scale * pk; 0]: the GEMM fills all L + 1 rows of the contiguous buffer (a GEMM into a strided
+            # slice of it runs per head); the scale goes on the small (L, D) key
+            pk_pad = q.new_zeros((h, length + 1, pk.shape[-1]), dtype=torch.float32)
+        else:
+            g = prefix_scores(q, pk, scale, gate, logits)
+        pv32 = pv.float()
+        chunk = max(1, min(b, EPILOGUE_ELEMENTS // (h * (length + 1) * n)))
+        buf = q.new_empty((chunk, h, length + 1, n), dtype=torch.float32)
+        for c0 in range(0, b, chunk):
+            c1 = min(b, c0 + chunk)
+            rows = buf[: c1 - c0]
+            if g is None:
+                for i in range(c0, c1):
+                    if i == 0 or pk.shape[0] > 1:
+                        torch.mul(pk[i if pk.shape[0] > 1 else 0].float(), scale, out=pk_pad[:, :length])
+                    torch.matmul(pk_pad, q[i].float().transpose(-2, -1), out=rows[i - c0])
+                if inplace is not None and inplace(rows[:, :, :length]) is NotImplemented:
+                    g = prefix_scores(q, pk, scale, gate, logits)  # the gate declined: the (B, H, N, L) block
+            if g is not None:
+                rows[:, :, :length].copy_(g[c0:c1].transpose(-2, -1))
+            rows[:, :, length] = lse_tok[c0:c1]
+            weights = torch.softmax(rows, dim=-2)
+            # p @ pv into a contiguous temporary (a batched GEMM into out's strided rows runs per head), then one
+            # pass: out = p @ pv + w * out
+            p_pv = torch.matmul(weights[:, :, :length].transpose(-2, -1), pv32[c0:c1] if pv.shape[0] > 1 else pv32)
+            torch.addcmul(p_pv, out[c0:c1], weights[:, :, length].unsqueeze(-1), out=out[c0:c1])
+    return out.to(v.dtype)
