@@ -1,15 +1,15 @@
 """Is each CPU fast path of the `merge` backend worth keeping? Inference (no autograd), one layer.
 
-The `merge` backend's inference path (`norga.functional.merge.merge_attention_no_grad`) has two fast paths
-beyond the plain form. Each contender removes one of them; the ratios are to `epilogue` (everything on):
+The `merge` backend's inference path (`norga.functional.merge.merge_attention_no_grad`) differs from the
+plain form by its epilogue and by the gate protocol's in-place fast path. Each contender removes one of them;
+the ratios are to `epilogue` (everything on):
 
 - `epilogue`: `prefix_attention(..., backend="merge")` under `torch.no_grad()`: per-sample prefix scores from
-  the strided `q`, chunks of samples whose working buffer fits in `EPILOGUE_ELEMENTS`, the gate applied in
-  place through the gate protocol's `inplace_`.
+  the strided `q` into one working buffer, the gate applied in place through the gate protocol's `inplace_`.
 - `no-inplace`: the same with a gate that does not offer `inplace_` (a plain function calling the same
   `NoRGaGate`): the scores are built and gated on the whole `(B, H, N, L)` block first.
-- `one-chunk`: the same as `epilogue` with the whole batch in one chunk (`EPILOGUE_ELEMENTS` set to the batch's
-  size): measures the chunking.
+- `epilogue-again`: `epilogue` once more, as a control: two identical computations, so its ratio shows the
+  timing noise of the run.
 - `batched`: the autograd path's forward (`merge_attention`) run under `torch.no_grad()`: the simplest code that
   computes the same result.
 
@@ -56,18 +56,10 @@ def contenders(q, k, v, pk, pv, gate) -> Dict[str, Callable[[], torch.Tensor]]:
     def no_inplace() -> torch.Tensor:
         return prefix_attention(q, k, v, prefix, gate=lambda s: gate(s), backend="merge")
 
-    def one_chunk() -> torch.Tensor:
-        kept = merge_module.EPILOGUE_ELEMENTS
-        merge_module.EPILOGUE_ELEMENTS = q.shape[0] * q.shape[1] * (pk.shape[-2] + 1) * q.shape[2]
-        try:
-            return prefix_attention(q, k, v, prefix, gate=gate, backend="merge")
-        finally:
-            merge_module.EPILOGUE_ELEMENTS = kept
-
     def batched() -> torch.Tensor:
         return merge_module.merge_attention(q, k, v, prefix_scores(q, pk, scale, gate), pv, None, scale)
 
-    return {"epilogue": epilogue, "no-inplace": no_inplace, "one-chunk": one_chunk, "batched": batched}
+    return {"epilogue": epilogue, "no-inplace": no_inplace, "epilogue-again": epilogue, "batched": batched}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:

@@ -146,5 +146,5 @@ def test_bench_fastpaths_cli_runs(tmp_path):
         ["--B", "3", "--N", "9", "--L", "3", "--heads", "2", "--head-dim", "8", "--repeats", "1"] + ["--out", str(out)]
     )
     assert out.exists() and json.loads(out.read_text())["results"] == rows
-    assert {r["contender"] for r in rows} == {"epilogue", "no-inplace", "one-chunk", "batched"}
+    assert {r["contender"] for r in rows} == {"epilogue", "no-inplace", "epilogue-again", "batched"}
     assert next(r["ratio"] for r in rows if r["contender"] == "epilogue") == 1.0

@@ -143,11 +143,6 @@ def merge_attention(
     return out
 
 
-#: Float32 elements of the inference epilogue's working buffer (4 MiB): samples are processed in chunks of
-#: this size (see docs/benchmarks.md).
-EPILOGUE_ELEMENTS = 2**20
-
-
 def merge_attention_no_grad(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -161,14 +156,13 @@ def merge_attention_no_grad(
 ) -> torch.Tensor:
     """`merge` without autograd (inference): the same equations, with a working buffer instead of temporaries.
 
-    After the fused token kernel the batch is processed in chunks of samples whose float32 buffer of
-    `(H, L + 1, N)` rows per sample fits in `EPILOGUE_ELEMENTS`: rows `0..L-1` hold the prefix scores
-    `scale * pk . q`, computed per sample straight from the strided `q` that timm's `qkv` split gives (no copy
-    of `q`) and gated in place through the gate's `inplace_` (the gate protocol, `norga.gates`); row `L` holds
-    `lse_tok`; one softmax over the rows gives the prefix weights and the token weight. `p @ pv` goes into a
-    small contiguous temporary, and one `addcmul` writes `w * o_tok + p @ pv` over the kernel's output, in its
-    memory layout. Given `logits`, or a gate without `inplace_` (or one that declines), the scores are built
-    and gated on the whole `(B, H, N, L)` block first, exactly as on the autograd path.
+    After the fused token kernel, one float32 buffer of `(H, L + 1, N)` rows per sample: rows `0..L-1` hold the
+    prefix scores `scale * pk . q`, computed per sample straight from the strided `q` that timm's `qkv` split
+    gives (no copy of `q`) and gated in place through the gate's `inplace_` (the gate protocol, `norga.gates`);
+    row `L` holds `lse_tok`; one softmax over the rows gives the prefix weights and the token weight. `p @ pv`
+    goes into a small contiguous temporary, and one `addcmul` writes `w * o_tok + p @ pv` over the kernel's
+    output, in its memory layout. Given `logits`, or a gate without `inplace_` (or one that declines), the
+    scores are built and gated on the whole `(B, H, N, L)` block first, exactly as on the autograd path.
     """
     bias = _bias4d(bias, q.dtype)
     o_tok, lse_tok = _token_attention(q, k, v, bias, scale)
@@ -184,25 +178,20 @@ def merge_attention_no_grad(
             pk_pad = q.new_zeros((h, length + 1, pk.shape[-1]), dtype=torch.float32)
         else:
             g = prefix_scores(q, pk, scale, gate, logits)
-        pv32 = pv.float()
-        chunk = max(1, min(b, EPILOGUE_ELEMENTS // (h * (length + 1) * n)))
-        buf = q.new_empty((chunk, h, length + 1, n), dtype=torch.float32)
-        for c0 in range(0, b, chunk):
-            c1 = min(b, c0 + chunk)
-            rows = buf[: c1 - c0]
-            if g is None:
-                for i in range(c0, c1):
-                    if i == 0 or pk.shape[0] > 1:
-                        torch.mul(pk[i if pk.shape[0] > 1 else 0].float(), scale, out=pk_pad[:, :length])
-                    torch.matmul(pk_pad, q[i].float().transpose(-2, -1), out=rows[i - c0])
-                if inplace is not None and inplace(rows[:, :, :length]) is NotImplemented:
-                    g = prefix_scores(q, pk, scale, gate, logits)  # the gate declined: the (B, H, N, L) block
-            if g is not None:
-                rows[:, :, :length].copy_(g[c0:c1].transpose(-2, -1))
-            rows[:, :, length] = lse_tok[c0:c1]
-            weights = torch.softmax(rows, dim=-2)
-            # p @ pv into a contiguous temporary (a batched GEMM into out's strided rows runs per head), then one
-            # pass: out = p @ pv + w * out
-            p_pv = torch.matmul(weights[:, :, :length].transpose(-2, -1), pv32[c0:c1] if pv.shape[0] > 1 else pv32)
-            torch.addcmul(p_pv, out[c0:c1], weights[:, :, length].unsqueeze(-1), out=out[c0:c1])
+        buf = q.new_empty((b, h, length + 1, n), dtype=torch.float32)
+        if g is None:
+            for i in range(b):
+                if i == 0 or pk.shape[0] > 1:
+                    torch.mul(pk[i if pk.shape[0] > 1 else 0].float(), scale, out=pk_pad[:, :length])
+                torch.matmul(pk_pad, q[i].float().transpose(-2, -1), out=buf[i])
+            if inplace is not None and inplace(buf[:, :, :length]) is NotImplemented:
+                g = prefix_scores(q, pk, scale, gate, logits)  # the gate declined: the (B, H, N, L) block
+        if g is not None:
+            buf[:, :, :length].copy_(g.transpose(-2, -1))
+        buf[:, :, length] = lse_tok
+        weights = torch.softmax(buf, dim=-2)
+        # p @ pv into a contiguous temporary (a batched GEMM into out's strided rows runs per head), then one
+        # pass: out = p @ pv + w * out
+        p_pv = torch.matmul(weights[:, :, :length].transpose(-2, -1), pv.float())
+        torch.addcmul(p_pv, out, weights[:, :, length].unsqueeze(-1), out=out)
     return out.to(v.dtype)

@@ -409,14 +409,10 @@ def test_fully_masked_token_rows_attend_to_the_prefix_alone(backend, grad):
             assert_grad_close(g_, e, gb[name])
 
 
-@pytest.mark.parametrize("per_chunk", [1, 2])
 @pytest.mark.parametrize("gate_name", ["tanh", "custom", "logits"])
-def test_merge_without_autograd_in_chunks_of_samples(monkeypatch, per_chunk, gate_name):
-    """The in-place path works through the batch in chunks of samples (1 and 2 here, so B=3 ends with a
-    partial chunk): the same result as the float64 reference."""
-    import norga.functional.merge as nf
-
-    monkeypatch.setattr(nf, "EPILOGUE_ELEMENTS", per_chunk * H * (L + 1) * N)
+def test_merge_without_autograd_per_sample_prefixes(gate_name):
+    """The in-place inference path with per-sample prefixes (scores per sample from the strided q, the gate in
+    place, or on the whole block for a custom gate and for logits): the same result as the float64 reference."""
     _, q, k, v = _qkv()
     q, k, v = q.detach(), k.detach(), v.detach()
     pk, pv = torch.randn(B, L, H * D), torch.randn(B, L, H * D)
