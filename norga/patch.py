@@ -213,13 +213,13 @@ def patch_vit(
         raise TypeError(
             f"prompt must be None, a PrefixPool or a callable factory(layer_index, attn), got {type(prompt).__name__}"
         )
-    if gate is not None and not isinstance(gate, (str, nn.Module)):
-        raise TypeError(f"gate must be None, an activation name or an nn.Module, got {type(gate).__name__}")
     chosen = _select_layers(layers, found, tuple(getattr(prompt, "default_layers", DEFAULT_LAYERS)))
     if filter_fn is not None:
         chosen = [layer for layer in chosen if filter_fn(layer.module, layer.name)]
     if not chosen:
         raise ValueError("patch_vit: the layer selection is empty")
+    if gate is not None and not isinstance(gate, (str, nn.Module)):
+        raise TypeError(f"gate must be None, an activation name or an nn.Module, got {type(gate).__name__}")
     prepare = getattr(prompt, "prepare", None)
     if callable(prepare):
         prepare(model, chosen)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tolerance import (
     assert_prefix_layer_stages,
@@ -754,6 +754,8 @@ _DEPTH = 3
     ),
     gate=st.sampled_from([None, "tanh", "sigmoid", "gelu", "relu", 3]),
 )
+@example(layers="", gate=3)  # two bad arguments: the layer selection is checked first, as the test expects
+@example(layers=[], gate=3)
 def test_patch_vit_layers_and_gates(layers, gate):
     """Any layer selection and gate: the right layers patched (and parity without prompts), or a clear error."""
     import timm
