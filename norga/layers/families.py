@@ -45,13 +45,28 @@ def _rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor 
 
 
 def _biased_qkv(self: Any, x: torch.Tensor) -> torch.Tensor:
-    """timm's fused `qkv` with EVA's and BEiT's separate biases `[q_bias, k_bias (zeros), v_bias]`."""
-    if self.q_bias is None:
+    """timm's fused `qkv`, with EVA's and BEiT's separate biases `[q_bias, k_bias (zeros), v_bias]` where present."""
+    if getattr(self, "q_bias", None) is None:
         return self.qkv(x)
     qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
     if self.qkv_bias_separate:
         return self.qkv(x) + qkv_bias
     return nn.functional.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+
+
+def _qkv_heads(self: Any, x: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values `(B, heads, N, head_dim)` from a fused `qkv` or from separate `q/k/v_proj`.
+
+    `kv_heads` is the number of key/value heads of the separate projections (fewer than the query heads under
+    grouped-query attention); a fused `qkv` always has `num_heads` of each.
+    """
+    if self.qkv is not None:
+        return split_qkv(_biased_qkv(self, x), self.num_heads)
+    return (
+        split_heads(self.q_proj(x), self.num_heads),
+        split_heads(self.k_proj(x), kv_heads),
+        split_heads(self.v_proj(x), kv_heads),
+    )
 
 
 def _output(self: Any, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -62,55 +77,44 @@ def _output(self: Any, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return self.proj_drop(self.proj(o))
 
 
-class PrefixAttentionRope(PrefixAttentionMixin, AttentionRope):  # type: ignore[misc]
+class _PrefixRopeForward(PrefixAttentionMixin):
+    """The forward of timm's rotary-embedding attention classes (`AttentionRope`, `EvaAttention`) with prompt experts.
+
+    Mixed in before the timm class, so `super().forward` is that class's own forward (used without prompts).
+    """
+
+    # Provided by both timm classes.
+    q_norm: nn.Module
+    k_norm: nn.Module
+    num_prefix_tokens: int
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        prefix: PrefixLike | None = None,
+    ) -> torch.Tensor:
+        if prefix is None and self.prompt is None:
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
+        # `AttentionRope` may have fewer key/value heads (grouped-query attention); `EvaAttention` has none.
+        q, k, v = _qkv_heads(self, x, getattr(self, "num_kv_heads", self.num_heads))
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rope(q, k, v, rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
+        groups = getattr(self, "num_kv_groups", 1)
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        return _output(self, self._attend(q, k, v, prefix, attn_mask, is_causal), x)
+
+
+class PrefixAttentionRope(_PrefixRopeForward, AttentionRope):  # type: ignore[misc]
     """timm `AttentionRope` (`vit_*_rope`, pe_core) with prompt experts."""
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-        prefix: PrefixLike | None = None,
-    ) -> torch.Tensor:
-        if prefix is None and self.prompt is None:
-            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        if self.qkv is not None:
-            q, k, v = split_qkv(self.qkv(x), self.num_heads)
-        else:
-            q = split_heads(self.q_proj(x), self.num_heads)
-            k = split_heads(self.k_proj(x), self.num_kv_heads)
-            v = split_heads(self.v_proj(x), self.num_kv_heads)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope(q, k, v, rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
-        if self.num_kv_groups > 1:
-            k = k.repeat_interleave(self.num_kv_groups, dim=1)
-            v = v.repeat_interleave(self.num_kv_groups, dim=1)
-        return _output(self, self._attend(q, k, v, prefix, attn_mask, is_causal), x)
 
-
-class PrefixEvaAttention(PrefixAttentionMixin, EvaAttention):  # type: ignore[misc]
+class PrefixEvaAttention(_PrefixRopeForward, EvaAttention):  # type: ignore[misc]
     """timm `EvaAttention` (eva02; fused or unfused qkv, rope) with prompt experts."""
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-        prefix: PrefixLike | None = None,
-    ) -> torch.Tensor:
-        if prefix is None and self.prompt is None:
-            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        if self.qkv is not None:
-            q, k, v = split_qkv(_biased_qkv(self, x), self.num_heads)
-        else:
-            q = split_heads(self.q_proj(x), self.num_heads)
-            k = split_heads(self.k_proj(x), self.num_heads)
-            v = split_heads(self.v_proj(x), self.num_heads)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope(q, k, v, rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
-        return _output(self, self._attend(q, k, v, prefix, attn_mask, is_causal), x)
 
 
 class PrefixBeitAttention(PrefixAttentionMixin, BeitAttention):  # type: ignore[misc]
