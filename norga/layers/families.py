@@ -1,8 +1,8 @@
 """timm's other global-attention families with prompt experts, and the table of every supported family.
 
 Each class subclasses the timm class it patches and repeats its forward with
-[`_attend`][norga.layers.PrefixAttentionMixin] in place of the attention; with no prefix and no prompt it runs
-timm's forward. Rope and relative position biases act on the tokens only: prefix keys are free parameters in
+[`_attend`][norga.layers.PrefixAttentionMixin] in place of the attention (the two rotary-embedding families share
+one forward); with no prefix and no prompt it runs timm's forward. Rope and relative position biases act on the tokens only: prefix keys are free parameters in
 head space, never rotated, and prefix columns get no bias.
 """
 
