@@ -38,10 +38,10 @@ final output (``4 u_io sum_j w_ij |v_jd|``), and on the ``sdpa`` backend the gat
 mask and a float32 prefix key cast to ``io_dtype`` (``2 u_io (|s| + |g - s|)`` in the prefix scores).
 
 The other helpers: ``attention_grad_tol`` (the attention's backward), ``norga_gate_err`` (the gate alone),
-``linear_err`` (a linear layer), ``prefix_layer_tol`` / ``prefix_layer_grad_tol`` (a ``PrefixMoEAttention``:
-qkv, attention, projection), ``projection_tol`` (two layers that differ only in their attention, through
-the shared projection), ``network_tol`` (a whole timm ViT: every rounding's local bound weighted by the
-output's Jacobian), ``assert_within`` (elementwise bounds).
+``linear_err`` (a linear layer), ``routing_err`` (SMoPE's routing logits), ``prefix_layer_tol`` /
+``prefix_layer_grad_tol`` (a ``PrefixMoEAttention``: qkv, attention, projection), ``projection_tol`` (two layers
+that differ only in their attention, through the shared projection), ``network_tol`` (a whole timm ViT: every
+rounding's local bound weighted by the output's Jacobian), ``assert_within`` (elementwise bounds).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class _Analysis:
 
     def __init__(
         self, q, k, v, pk, pv, *, scale, act, alpha, tau, gate, gate_slope, bias, logits, dtype,
-        io_dtype, score_err, value_err, qk_err, pk_err,
+        io_dtype, score_err, value_err, qk_err, pk_err, logits_err,
     ):  # fmt: skip
         u = self.u = unit_roundoff(dtype)
         q, k, v = (t.detach().double() for t in (q, k, v))
@@ -187,6 +187,7 @@ class _Analysis:
         if logits is not None:
             lin = logits.detach().double().expand(B, H, N, L)
             abs_pre, lin_err = lin.abs(), u * lin.abs()  # float32 given (exact) or cast (one rounding)
+            lin_err = lin_err + torch.as_tensor(logits_err, dtype=torch.float64).expand(B, H, N, L)
         else:
             lin = scale * q @ pk.transpose(-2, -1)
             abs_pre = _abs_scores(q, pk, scale)
@@ -248,7 +249,7 @@ def _analysis(q, k, v, pk, pv, scale, kw) -> _Analysis:
     opts = {
         "act": None, "alpha": 1.0, "tau": 1.0, "gate": None, "gate_slope": None, "bias": None,
         "logits": None, "dtype": torch.float32, "io_dtype": None, "score_err": 0.0, "value_err": 0.0, "qk_err": None,
-        "pk_err": None,
+        "pk_err": None, "logits_err": 0.0,
     }  # fmt: skip
     unknown = set(kw) - set(opts)
     assert not unknown, f"unknown options {unknown}"
@@ -274,8 +275,8 @@ def attention_tol(
     input (``max_i sum_j |dg_i / ds_j|``) for another gate; ``dtype`` the compute precision (float32);
     ``io_dtype`` that of the inputs and output when lower; errors the inputs already carry: ``qk_err``
     (bounds on the errors of ``q`` and ``k``, floats or tensors of their shapes), ``pk_err`` (of the prefix
-    key), ``score_err`` (on the scores, a float or a ``(B, H, N, L + M)`` tensor) and ``value_err`` (on
-    the values, a float).
+    key), ``logits_err`` (of given ``logits``, before the gate, which scales it by its slope), ``score_err``
+    (on the scores, a float or a ``(B, H, N, L + M)`` tensor) and ``value_err`` (on the values, a float).
     """
     if q.numel() == 0:
         return 0.0
@@ -396,6 +397,24 @@ def linear_err(
     return err
 
 
+def routing_err(
+    q: torch.Tensor, key: torch.Tensor, scale: float, *, dtype: torch.dtype = torch.float32, q_err=0.0
+) -> torch.Tensor:
+    """Elementwise bound on the error of SMoPE's routing logits ``scale * mean_n(q_n) . key_j`` computed in
+    ``dtype``: the mean is a sum of ``N`` terms and a division (relative ``(N + 1) u`` of ``mean_n |q_nd|``), the
+    dot product ``D`` terms, the scale one rounding: ``(D + N + 2) u scale sum_d mean_n |q_nd| |key_jd|``. An
+    error ``q_err`` (float or ``q``'s shape) that ``q`` already carries adds ``scale sum_d mean_n q_err_nd
+    |key_jd|``. ``q`` ``(B, H, N, D)``; ``key`` every expert ``(H, E, D)`` or the selected ones ``(B, H, K, D)``;
+    returns ``(B, H, E)`` or ``(B, H, K)``."""
+    q = q.detach().double()
+    N, D = q.shape[-2:]
+    e_q = torch.as_tensor(q_err, dtype=torch.float64).expand_as(q)
+    weight = (D + N + 2) * unit_roundoff(dtype) * q.abs().mean(-2) + e_q.mean(-2)  # (B, H, D)
+    key = key.detach().double().abs()
+    key = key.unsqueeze(0) if key.dim() == 3 else key
+    return abs(scale) * (weight.unsqueeze(-2) * key).sum(-1)
+
+
 def prefix_layer_tol(
     layer: torch.nn.Module,
     x: torch.Tensor,
@@ -406,12 +425,15 @@ def prefix_layer_tol(
     alpha: float = 1.0,
     tau: float = 1.0,
     autocast: torch.dtype | None = None,
+    routing_scale: float | None = None,
 ) -> float:
     """Bound on the output error of a ``PrefixMoEAttention`` (timm ``Attention`` without qk-norm, scale-norm
     or output gate) against the float64 equations on its weights: the ``qkv`` linear (:func:`linear_err`),
     attention on the rounded ``q, k, v`` (a ``q``/``k`` error ``e`` moves a score by ``scale (e . |k| +
     |q| . e)``, times the gate slope on prefix scores; a ``v`` error passes with weight 1), heads merged
     (exact), the ``proj`` linear. ``pk, pv`` in head space ``(B, H, L, D)``, ``x`` ``(B, N, C)``.
+    ``routing_scale``: the prefix scores are SMoPE's row-constant logits ``routing_scale * mean_n(q_n) . pk``
+    (:func:`routing_err`, with the ``qkv`` linear's error of ``q``) instead of ``scale * q . pk``.
 
     The linears accumulate in float64 for a float64 layer, else in float32 (a bfloat16 layer rounds their
     outputs to bfloat16); the attention is float32 (norga's backends). ``autocast``: the layer runs under
@@ -429,8 +451,11 @@ def prefix_layer_tol(
     e_qkv = linear_err(x, layer.qkv.weight, layer.qkv.bias, **lin)
     q, k, v = (ref.heads(qkv[..., i * C : (i + 1) * C], H) for i in range(3))
     e_q, e_k, e_v = (ref.heads(e_qkv[..., i * C : (i + 1) * C], H) for i in range(3))
-    gate = {} if act is None else {"act": act, "alpha": alpha, "tau": tau}
-    a = _analysis(q, k, v, pk, pv, scale, {"io_dtype": io, "qk_err": (e_q, e_k), "value_err": _max(e_v), **gate})
+    opts = {} if act is None else {"act": act, "alpha": alpha, "tau": tau}
+    if routing_scale is not None:
+        opts["logits"] = routing_scale * q.mean(-2, keepdim=True) @ pk.double().transpose(-1, -2)  # (B, H, 1, L)
+        opts["logits_err"] = routing_err(q, pk, routing_scale, q_err=e_q).unsqueeze(2)
+    a = _analysis(q, k, v, pk, pv, scale, {"io_dtype": io, "qk_err": (e_q, e_k), "value_err": _max(e_v), **opts})
     o = torch.cat([a.o[:, h] for h in range(H)], dim=-1)  # (B, N, C), heads in order
     return _max(linear_err(o, layer.proj.weight, layer.proj.bias, **lin, x_err=a.output()))
 
@@ -578,6 +603,14 @@ def network_tol(
             p = mod.prompt(q)  # a Prefix in head space (1 or B, H, L, D)
             pk, pv = p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1)
             kw = gate_args(mod.prefix_gate)
+            if p.logits is not None:  # SMoPE: row-constant routing logits, gated inside the prompt
+                smope = mod.prompt
+                raw = smope.scale * q.mean(-2, keepdim=True) @ pk.transpose(-1, -2)  # (B, H, 1, K)
+                kw = {
+                    **gate_args(smope.gate),
+                    "logits": raw,
+                    "logits_err": routing_err(q, pk, smope.scale).unsqueeze(2),
+                }
         e = _analysis(q, k, v, pk, pv, mod.scale, {"dtype": dtype, **kw}).e_o
         site(o, torch.cat([e[:, h] for h in range(H)], dim=-1))
 

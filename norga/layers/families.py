@@ -2,8 +2,8 @@
 
 Each class subclasses the timm class it patches and repeats its forward with
 [`_attend`][norga.layers.PrefixAttentionMixin] in place of the attention (the two rotary-embedding families share
-one forward); with no prefix and no prompt it runs timm's forward. Rope and relative position biases act on the tokens only: prefix keys are free parameters in
-head space, never rotated, and prefix columns get no bias.
+one forward); with no prefix and no prompt it runs timm's forward. Rope and relative position biases act on the
+tokens only: prefix keys are free parameters in head space, never rotated, and prefix columns get no bias.
 """
 
 from __future__ import annotations

@@ -133,6 +133,11 @@ class SMoPE(nn.Module):
         self._last_scores: torch.Tensor | None = None
         self._last_indices: torch.Tensor | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The last forward's scores belong to that forward's autograd graph (for router_loss): a copy or a pickle
+        # starts without them, as after an evaluation forward (deepcopy refuses tensors inside a graph).
+        return {**super().__getstate__(), "_last_scores": None, "_last_indices": None}
+
     # ------------------------------------------------------------------ routing
     def _check_q(self, q: torch.Tensor) -> None:
         if not isinstance(q, torch.Tensor):

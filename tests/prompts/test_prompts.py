@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
+from tolerance import assert_within, network_tol
 
 import norga
 
@@ -46,15 +47,17 @@ def test_per_sample_tasks_match_single_task_runs_and_are_batch_invariant() -> No
     tasks = torch.tensor([1, 3, 0, 1, 2, 3])
     with torch.no_grad(), norga.use_task(model, tasks):
         mixed = model(x)
+    with norga.use_task(model, tasks):  # two float32 evaluations, each within network_tol of the exact logits
+        bound = 2 * network_tol(model, x)
     with torch.no_grad():
         for b in range(6):  # each sample alone, with its task set as an int
             norga.set_task(model, int(tasks[b]))
-            torch.testing.assert_close(mixed[b : b + 1], model(x[b : b + 1]), rtol=1e-5, atol=1e-5)
+            assert_within(mixed[b : b + 1], model(x[b : b + 1]), bound[b : b + 1])
         perm = torch.randperm(6)
         with norga.use_task(model, tasks[perm]):
-            torch.testing.assert_close(model(x[perm]), mixed[perm], rtol=1e-5, atol=1e-5)
+            assert_within(model(x[perm]), mixed[perm], bound[perm])
         with norga.use_task(model, tasks[:2]):  # a smaller batch: the same rows
-            torch.testing.assert_close(model(x[:2]), mixed[:2], rtol=1e-5, atol=1e-5)
+            assert_within(model(x[:2]), mixed[:2], bound[:2])
 
 
 def test_copy_task() -> None:
