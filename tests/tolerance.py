@@ -38,10 +38,11 @@ final output (``4 u_io sum_j w_ij |v_jd|``), and on the ``sdpa`` backend the gat
 mask and a float32 prefix key cast to ``io_dtype`` (``2 u_io (|s| + |g - s|)`` in the prefix scores).
 
 The other helpers: ``attention_grad_tol`` (the attention's backward), ``norga_gate_err`` (the gate alone),
-``linear_err`` (a linear layer), ``routing_err`` (SMoPE's routing logits), ``prefix_layer_tol`` /
-``prefix_layer_grad_tol`` (a ``PrefixMoEAttention``: qkv, attention, projection), ``projection_tol`` (two layers
-that differ only in their attention, through the shared projection), ``network_tol`` (a whole timm ViT: every
-rounding's local bound weighted by the output's Jacobian), ``assert_within`` (elementwise bounds).
+``linear_err`` (a linear layer), ``routing_err`` (SMoPE's routing logits), ``cross_entropy_err``,
+``router_loss_tol``, ``prototype_loss_tol`` (SMoPE's losses), ``prefix_layer_tol`` / ``prefix_layer_grad_tol`` (a
+``PrefixMoEAttention``: qkv, attention, projection), ``projection_tol`` (two layers that differ only in their
+attention, through the shared projection), ``network_tol`` (a whole timm ViT: every rounding's local bound weighted
+by the output's Jacobian), ``assert_within`` (elementwise bounds).
 """
 
 from __future__ import annotations
@@ -413,6 +414,62 @@ def routing_err(
     key = key.detach().double().abs()
     key = key.unsqueeze(0) if key.dim() == 3 else key
     return abs(scale) * (weight.unsqueeze(-2) * key).sum(-1)
+
+
+def cross_entropy_err(z: torch.Tensor, z_err: torch.Tensor, target: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Bound on the error of ``CE = logsumexp(z) - z_t`` (or ``-log_softmax(z)_t``) computed in ``dtype`` from
+    logits that carry errors ``z_err``: the errors move ``CE`` by at most ``max_j z_err_j + z_err_t``; its own
+    roundings are the shifts by the row's max (``u range`` each, ``range = max z - min z``), each ``exp``
+    (allowed 20 ulp, ``40 u``, as ``exp_u20``), the sum of ``E`` positive terms (``E u``), the log (1 ulp of
+    ``log sum <= log E``) and the final subtraction (``u |CE|``). ``z``, ``z_err`` ``(..., E)`` float64,
+    ``target`` ``(...)``; returns ``(...)``."""
+    z, z_err = z.double(), torch.as_tensor(z_err, dtype=torch.float64).expand_as(z)
+    u, E = unit_roundoff(dtype), z.shape[-1]
+    ce = torch.logsumexp(z, -1) - z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    spread = z.amax(-1) - z.amin(-1)
+    moved = z_err.amax(-1) + z_err.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return moved + u * (2 * spread + E + 40 + 2 * math.log(E) + ce.abs())
+
+
+def router_loss_tol(s: torch.Tensor, s_err: torch.Tensor, idx: torch.Tensor, eps: float) -> float:
+    """Bound on the error of SMoPE's float32 router loss ``mean_b sum_h sum_{i in idx} CE(z_bh, i)`` with
+    ``z = s + eps (1 - mask) (max s - min s)``: the raw scores ``s`` ``(B, H, E)`` carry ``s_err``
+    (:func:`routing_err` with scale 1); the range adds ``2 max s_err + u range``, the margin's two products
+    and the add one rounding each; each CE as :func:`cross_entropy_err`; the sum of ``B H K`` positive terms
+    and the division by ``B`` ``gamma_{BHK+1}`` of the loss."""
+    u = unit_roundoff(torch.float32)
+    s, s_err = s.double(), torch.as_tensor(s_err, dtype=torch.float64).expand_as(s)
+    B, H, _ = s.shape
+    unselected = torch.ones_like(s).scatter_(-1, idx, 0.0)
+    spread = (s.amax(-1) - s.amin(-1)).unsqueeze(-1)
+    z = s + eps * unselected * spread
+    margin_err = eps * (2 * s_err.amax(-1, keepdim=True) + u * spread) + 2 * u * eps * spread
+    z_err = s_err + unselected * margin_err + u * z.abs()
+    K = idx.shape[-1]
+    zk, ek = (t.unsqueeze(2).expand(-1, -1, K, -1) for t in (z, z_err))
+    ce = torch.logsumexp(zk, -1) - zk.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    loss = float(ce.sum()) / B
+    return float(cross_entropy_err(zk, ek, idx).sum()) / B + tol(torch.float32, B * H * K + 1, loss)
+
+
+def prototype_loss_tol(old: torch.Tensor, now: torch.Tensor, frequent: torch.Tensor, top_k: int) -> float:
+    """Bound on the error of SMoPE's float32 prototype loss ``sum_h mean_{p frequent} sum_{i < K} CE(old_p .
+    now^T, i-th top-K target)``: each logit a dot product of ``D`` terms (``gamma_D`` of ``|old_p| . |now_e|``),
+    each CE as :func:`cross_entropy_err`, the sums of ``K``, ``E`` and ``H`` positive terms and the division
+    by the count of prototypes ``gamma_{K+E+H+1}`` of the loss. The targets (a top-K of exact values) are
+    taken from float64."""
+    old, now = old.double(), now.double()
+    H, E, D = old.shape
+    z = old @ now.transpose(-1, -2)  # (H, E prototypes, E experts)
+    z_err = tol(torch.float32, D) * (old.abs() @ now.abs().transpose(-1, -2))
+    targets = (old @ old.transpose(-1, -2)).topk(top_k, dim=-1).indices  # (H, E, K)
+    zk, ek = (t.unsqueeze(2).expand(-1, -1, top_k, -1) for t in (z, z_err))
+    ce = torch.logsumexp(zk, -1) - zk.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (H, E, K)
+    mask = frequent.double()
+    count = mask.sum(-1).clamp_min(1)
+    loss = float(((ce.sum(-1) * mask).sum(-1) / count).sum())
+    err = float(((cross_entropy_err(zk, ek, targets).sum(-1) * mask).sum(-1) / count).sum())
+    return err + tol(torch.float32, top_k + E + H + 1, loss)
 
 
 def prefix_layer_tol(
