@@ -336,11 +336,14 @@ def test_torch_compile_fullgraph_dynamic_batch(grad):
     """``dynamic=True`` traces the attention scale as a symbolic float and the batch as a symbolic size:
     the patched model still compiles in one graph and matches eager for several batch sizes. With ``grad``
     the backward is compiled too, checked on one patched layer, whose gradient's error has a bound (through
-    a whole network's backward the worst case says little)."""
+    a whole network's backward the worst case says little). Backend ``aot_eager``: Dynamo's one graph and
+    AOTAutograd's joint forward-backward graph, which is what norga controls; Inductor's code generation
+    runs in test_torch_compile_fullgraph_per_sample_tasks (each compilation is about a minute on a cold
+    cache)."""
     model, size = _model("vit")
     patch_vit(model, gate=NoRGaGate("tanh"), layers="all", prompt=PrefixPool(4, 2, 3, 192))
     norga.set_task(model, 1)
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
     for batch in (2, 5):
         x = torch.randn(batch, 3, size, size)
         with torch.set_grad_enabled(grad):
@@ -351,7 +354,7 @@ def test_torch_compile_fullgraph_dynamic_batch(grad):
         return
     prompts = model.prompt_pool.prompts
     attn = norga.patch.patched_layers(model)[0].module
-    compiled_attn = torch.compile(attn, fullgraph=True, dynamic=True)
+    compiled_attn = torch.compile(attn, fullgraph=True, dynamic=True, backend="aot_eager")
     pk, pv = (ref.heads(t, attn.num_heads).unsqueeze(0) for t in prompts.detach()[1, 0])
     for batch in (2, 5):
         x, w = torch.randn(batch, 5, 192), torch.randn(batch, 5, 192)
