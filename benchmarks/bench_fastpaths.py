@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
             ref = fns["batched"]()
             for name, fn in fns.items():  # every contender computes the same attention
                 torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-5, msg=name)
-            times = interleaved(fns, args.repeats, clock=args.clock)
+            times = interleaved(fns, args.repeats, clock=args.clock, rotate=True)
         base = median_ms(times["epilogue"])
         for name, samples in times.items():
             ms = median_ms(samples)

@@ -152,10 +152,13 @@ def interleaved(
     warmup: int = 2,
     device: torch.device | str = "cpu",
     clock: str = "wall",
+    rotate: bool = False,
 ) -> Dict[str, List[float]]:
     """Time every callable ``repeats`` times, round-robin (one call of each per round), after ``warmup`` rounds.
 
-    Round-robin spreads load changes on a shared machine evenly over the contenders. ``clock="wall"``
+    Round-robin spreads load changes on a shared machine evenly over the contenders. ``rotate``: round ``r``
+    starts at contender ``r mod len(fns)``, so each follows each other equally often (what one contender
+    leaves in the allocator and the caches then weighs on all alike). ``clock="wall"``
     measures elapsed time; ``clock="cpu"`` the CPU time of this process (``time.process_time``), which on a
     machine shared with other jobs and with ``torch.set_num_threads(1)`` measures the work done rather than
     the time spent waiting for a core (with several threads it also counts spin-waiting). Returns seconds.
@@ -170,8 +173,10 @@ def interleaved(
             fn()
     synchronize(device)
     times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(repeats):
+        start = r % len(order) if rotate else 0
+        for name, fn in order[start:] + order[:start]:
             synchronize(device)
             t0 = now()
             fn()
