@@ -14,8 +14,8 @@ the ratios are to `epilogue` (everything on):
   computes the same result.
 
 A fast path stays in the library if it is at least 3 % faster than the simpler code at the target shapes
-(docs/benchmarks.md). Interleaved rounds, medians; `--clock cpu` with `--threads 1` measures work on a shared
-machine.
+(docs/benchmarks.md). Interleaved rounds in an order rotated between rounds, medians; `--clock cpu` with `--threads
+1` measures work on a shared machine.
 
     python benchmarks/bench_fastpaths.py --threads 1 --clock cpu --repeats 40 --out fastpaths.json
 """
