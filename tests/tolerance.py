@@ -416,6 +416,17 @@ def routing_err(
     return abs(scale) * (weight.unsqueeze(-2) * key).sum(-1)
 
 
+def _cross_entropy(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(z) - z_t`` in float64 over the last dimension; ``target`` ``(...)``."""
+    return torch.logsumexp(z, -1) - z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def routing_logits(q: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """SMoPE's row-constant logits ``scale * mean_n(q_n) . key_j`` in float64, ``(B, H, 1, K)`` for ``q``
+    ``(B, H, N, D)`` and the selected keys ``(B, H, K, D)``."""
+    return scale * q.double().mean(-2, keepdim=True) @ key.double().transpose(-1, -2)
+
+
 def cross_entropy_err(z: torch.Tensor, z_err: torch.Tensor, target: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Bound on the error of ``CE = logsumexp(z) - z_t`` (or ``-log_softmax(z)_t``) computed in ``dtype`` from
     logits that carry errors ``z_err``: the errors move ``CE`` by at most ``max_j z_err_j + z_err_t``; its own
@@ -425,7 +436,7 @@ def cross_entropy_err(z: torch.Tensor, z_err: torch.Tensor, target: torch.Tensor
     ``target`` ``(...)``; returns ``(...)``."""
     z, z_err = z.double(), torch.as_tensor(z_err, dtype=torch.float64).expand_as(z)
     u, E = unit_roundoff(dtype), z.shape[-1]
-    ce = torch.logsumexp(z, -1) - z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    ce = _cross_entropy(z, target)
     spread = z.amax(-1) - z.amin(-1)
     moved = z_err.amax(-1) + z_err.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return moved + u * (2 * spread + E + 40 + 2 * math.log(E) + ce.abs())
@@ -447,8 +458,7 @@ def router_loss_tol(s: torch.Tensor, s_err: torch.Tensor, idx: torch.Tensor, eps
     z_err = s_err + unselected * margin_err + u * z.abs()
     K = idx.shape[-1]
     zk, ek = (t.unsqueeze(2).expand(-1, -1, K, -1) for t in (z, z_err))
-    ce = torch.logsumexp(zk, -1) - zk.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-    loss = float(ce.sum()) / B
+    loss = float(_cross_entropy(zk, idx).sum()) / B
     return float(cross_entropy_err(zk, ek, idx).sum()) / B + tol(torch.float32, B * H * K + 1, loss)
 
 
@@ -464,7 +474,7 @@ def prototype_loss_tol(old: torch.Tensor, now: torch.Tensor, frequent: torch.Ten
     z_err = tol(torch.float32, D) * (old.abs() @ now.abs().transpose(-1, -2))
     targets = (old @ old.transpose(-1, -2)).topk(top_k, dim=-1).indices  # (H, E, K)
     zk, ek = (t.unsqueeze(2).expand(-1, -1, top_k, -1) for t in (z, z_err))
-    ce = torch.logsumexp(zk, -1) - zk.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (H, E, K)
+    ce = _cross_entropy(zk, targets)  # (H, E, K)
     mask = frequent.double()
     count = mask.sum(-1).clamp_min(1)
     loss = float(((ce.sum(-1) * mask).sum(-1) / count).sum())
@@ -510,7 +520,7 @@ def prefix_layer_tol(
     e_q, e_k, e_v = (ref.heads(e_qkv[..., i * C : (i + 1) * C], H) for i in range(3))
     opts = {} if act is None else {"act": act, "alpha": alpha, "tau": tau}
     if routing_scale is not None:
-        opts["logits"] = routing_scale * q.mean(-2, keepdim=True) @ pk.double().transpose(-1, -2)  # (B, H, 1, L)
+        opts["logits"] = routing_logits(q, pk, routing_scale)
         opts["logits_err"] = routing_err(q, pk, routing_scale, q_err=e_q).unsqueeze(2)
     a = _analysis(q, k, v, pk, pv, scale, {"io_dtype": io, "qk_err": (e_q, e_k), "value_err": _max(e_v), **opts})
     o = torch.cat([a.o[:, h] for h in range(H)], dim=-1)  # (B, N, C), heads in order
@@ -662,10 +672,9 @@ def network_tol(
             kw = gate_args(mod.prefix_gate)
             if p.logits is not None:  # SMoPE: row-constant routing logits, gated inside the prompt
                 smope = mod.prompt
-                raw = smope.scale * q.mean(-2, keepdim=True) @ pk.transpose(-1, -2)  # (B, H, 1, K)
                 kw = {
                     **gate_args(smope.gate),
-                    "logits": raw,
+                    "logits": routing_logits(q, pk, smope.scale),
                     "logits_err": routing_err(q, pk, smope.scale).unsqueeze(2),
                 }
         e = _analysis(q, k, v, pk, pv, mod.scale, {"dtype": dtype, **kw}).e_o
