@@ -15,15 +15,22 @@ the ratios are to `epilogue` (everything on):
 
 A fast path stays in the library if it is at least 3 % faster than the simpler code at the target shapes
 (docs/benchmarks.md). Interleaved rounds in an order rotated between rounds, medians; `--clock cpu` with `--threads
-1` measures work on a shared machine.
+1` measures work on a shared machine. `--isolated ROUNDS` runs every contender in a process of its own instead
+(`--repeats` calls each, after warm-up; rounds of one process per contender, in rotated order; the median over
+rounds of each process's median), so that no contender inherits another's allocator and cache state.
+`benchmarks/count_fastpaths.py` counts instructions and simulated cache misses instead of time.
 
     python benchmarks/bench_fastpaths.py --threads 1 --clock cpu --repeats 40 --out fastpaths.json
+    python benchmarks/bench_fastpaths.py --threads 1 --clock cpu --repeats 40 --isolated 5 --out isolated.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -35,6 +42,7 @@ import norga.functional.merge as merge_module  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     CLOCKS,
     LAYOUTS,
+    child_env,
     format_table,
     interleaved,
     machine_info,
@@ -62,6 +70,22 @@ def contenders(q, k, v, pk, pv, gate) -> Dict[str, Callable[[], torch.Tensor]]:
     return {"epilogue": epilogue, "no-inplace": no_inplace, "epilogue-again": epilogue, "batched": batched}
 
 
+def _isolated(args: argparse.Namespace, b: int, names: Sequence[str]) -> Dict[str, List[float]]:
+    """Per contender, the median (seconds) of each of its processes: `args.isolated` rounds, rotated order."""
+    medians: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(args.isolated):
+        start = r % len(names)
+        for name in list(names[start:]) + list(names[:start]):
+            cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--B", str(b), "--N", str(args.N),
+                   "--L", str(args.L), "--clock", args.clock, "--layout", args.layout, "--repeats", str(args.repeats),
+                   "--heads", str(args.heads), "--head-dim", str(args.head_dim)]  # fmt: skip
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            done = subprocess.run(cmd, check=True, env=child_env(), capture_output=True, text=True)
+            medians[name].append(json.loads(done.stdout.splitlines()[-1])["median_s"])
+    return medians
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     """Run the comparison; returns one row per batch size and contender (also written to `--out`)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,6 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     p.add_argument("--out", default=None)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--isolated", type=int, default=0, metavar="ROUNDS", help="one process per contender and round")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # an --isolated child: time this contender
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,10 +110,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
         q, k, v, pk, pv = make_inputs(b, args.N, args.L, heads=args.heads, head_dim=args.head_dim, layout=args.layout)
         fns = contenders(q, k, v, pk, pv, gate)
         with torch.no_grad():
+            if args.only is not None:
+                samples = interleaved({args.only: fns[args.only]}, args.repeats, clock=args.clock)[args.only]
+                print(json.dumps({"median_s": statistics.median(samples)}))
+                return []
             ref = fns["batched"]()
             for name, fn in fns.items():  # every contender computes the same attention
                 torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-5, msg=name)
-            times = interleaved(fns, args.repeats, clock=args.clock, rotate=True)
+            if args.isolated:
+                times = _isolated(args, b, list(fns))
+            else:
+                times = interleaved(fns, args.repeats, clock=args.clock, rotate=True)
         base = median_ms(times["epilogue"])
         for name, samples in times.items():
             ms = median_ms(samples)

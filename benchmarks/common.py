@@ -27,6 +27,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Callable, Dict, List, Optional
@@ -183,6 +184,18 @@ def interleaved(
             synchronize(device)
             times[name].append(now() - t0)
     return times
+
+
+def child_env(**extra: str) -> Dict[str, str]:
+    """The environment for a benchmark's child process: compiled imports kept in a cache between children.
+
+    ``PYTHONPYCACHEPREFIX`` points at one directory under the system's temporary folder (and
+    ``PYTHONDONTWRITEBYTECODE`` is dropped), so that only the first child compiles torch, timm and norga from
+    source where the installation has no ``.pyc`` files. ``extra`` is added (thread counts, for example).
+    """
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(tempfile.gettempdir(), "norga-bench-pycache"), **extra)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def median_ms(samples: Sequence[float]) -> float:

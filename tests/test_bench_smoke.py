@@ -151,3 +151,44 @@ def test_bench_fastpaths_cli_runs(tmp_path):
     assert out.exists() and json.loads(out.read_text())["results"] == rows
     assert {r["contender"] for r in rows} == {"epilogue", "no-inplace", "epilogue-again", "batched"}
     assert next(r["ratio"] for r in rows if r["contender"] == "epilogue") == 1.0
+
+
+def test_bench_fastpaths_isolated_child_times_one_contender(capsys):
+    """`--only NAME` (a child of `--isolated`) times that contender alone and prints its median as JSON."""
+    from benchmarks.bench_fastpaths import main as fastpaths_main
+
+    argv = ["--B", "2", "--N", "5", "--L", "2", "--heads", "2", "--head-dim", "4", "--repeats", "3", "--clock", "cpu"]
+    assert fastpaths_main(argv + ["--only", "batched"]) == []
+    median = json.loads(capsys.readouterr().out.splitlines()[-1])["median_s"]
+    assert isinstance(median, float) and median >= 0.0
+
+
+def test_count_fastpaths_attributes_each_dump_to_its_call(monkeypatch, tmp_path):
+    """count_fastpaths reads callgrind's dumps in part order: part 1 (the switch-on) is dropped and the rest go to
+    the contenders in turn, round after round. valgrind is replaced by a writer of synthetic dumps."""
+    import subprocess
+    import types
+
+    from benchmarks import count_fastpaths
+
+    events = "Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw"
+
+    def fake_run(cmd, **kwargs):
+        if cmd[0] != "valgrind":  # the native pre-import
+            return subprocess.CompletedProcess(cmd, 0)
+        out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--callgrind-out-file="))
+        calls = int(cmd[cmd.index("--calls") + 1])
+        for part in range(1, 2 + calls * len(count_fastpaths.NAMES)):  # part p: Ir = p, one miss of each kind
+            with open(f"{out}.{part}", "w") as fh:
+                fh.write(f"part: {part}\nevents: {events}\nsummary: {part}\ntotals: {part} 0 0 1 1 1 1 1 1\n")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    fake = types.SimpleNamespace(run=fake_run, DEVNULL=subprocess.DEVNULL)
+    monkeypatch.setattr(count_fastpaths, "subprocess", fake)  # this module's view only: others keep subprocess
+    monkeypatch.setattr(count_fastpaths, "shutil", types.SimpleNamespace(which=lambda name: "/usr/bin/" + name))
+    rows = count_fastpaths.main(["--B", "4", "--calls", "2", "--out", str(tmp_path / "c.json")])
+    irs = {r["contender"]: [c["Ir"] for c in r["calls"]] for r in rows}
+    assert irs == {"epilogue": [2, 5], "no-inplace": [3, 6], "batched": [4, 7]}
+    first = next(r for r in rows if r["contender"] == "batched")["calls"][0]
+    assert (first["L1m"], first["LLm"], first["est"]) == (3, 3, 4 + 10 * 3 + 100 * 3)
+    assert next(r for r in rows if r["contender"] == "no-inplace")["ratio"]["Ir"] == 3 / 2
