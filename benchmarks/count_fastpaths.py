@@ -15,7 +15,10 @@ Counts are repeatable for the same binary, inputs and environment, whatever else
 calls of each contender show it. Ratios are to `epilogue`. A fast path stays if the simpler code costs at least
 3 % more at the target shapes (docs/benchmarks.md, "Fast paths").
 
-    python benchmarks/count_fastpaths.py --out counts.json     # B = 16 and 64; needs valgrind, about 15 min
+    python benchmarks/count_fastpaths.py --out counts.json     # B = 16; needs valgrind
+
+Slow: valgrind runs the import, the warm-up and the counted calls tens of times slower than the CPU does; the run
+times seen are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def _measure(args: argparse.Namespace, b: int) -> Dict[str, List[Dict[str, int]]
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     """Count every contender at each batch size; returns one row per batch size and contender (also `--out`)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--B", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--B", type=int, nargs="+", default=[16])
     p.add_argument("--N", type=int, default=197)
     p.add_argument("--L", type=int, default=20)
     p.add_argument("--heads", type=int, default=12)
