@@ -125,7 +125,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
         for name, samples in times.items():
             ms = median_ms(samples)
             rows.append([str(b), name, f"{ms:.2f}", f"{ms / base:.3f}"])
-            results.append({"B": b, "N": args.N, "L": args.L, "contender": name, "median_ms": ms, "ratio": ms / base})
+            samples_ms = [1e3 * t for t in samples]  # per call, or per process with --isolated
+            results.append(
+                {"B": b, "N": args.N, "L": args.L, "contender": name, "median_ms": ms, "ratio": ms / base,
+                 "samples_ms": samples_ms}
+            )  # fmt: skip
     print(format_table(rows, ["B", "contender", "median ms", "/ epilogue"]))
     write_json(args.out, {"machine": machine_info(), "args": vars(args), "results": results})
     return results
