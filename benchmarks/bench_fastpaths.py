@@ -49,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
     make_gate,
     make_inputs,
     median_ms,
+    rotated,
     write_json,
 )
 from norga.functional import Prefix, prefix_attention, prefix_scores  # noqa: E402
@@ -74,8 +75,7 @@ def _isolated(args: argparse.Namespace, b: int, names: Sequence[str]) -> Dict[st
     """Per contender, the median (seconds) of each of its processes: `args.isolated` rounds, rotated order."""
     medians: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(args.isolated):
-        start = r % len(names)
-        for name in list(names[start:]) + list(names[:start]):
+        for name in rotated(names, r):
             cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--B", str(b), "--N", str(args.N),
                    "--L", str(args.L), "--clock", args.clock, "--layout", args.layout, "--repeats", str(args.repeats),
                    "--heads", str(args.heads), "--head-dim", str(args.head_dim)]  # fmt: skip

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ import norga
 from norga.functional import available_backends, prefix_attention
 
 Contender = Callable[..., torch.Tensor]
+T = TypeVar("T")
 
 
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, gate) -> torch.Tensor:
@@ -147,6 +148,12 @@ def synchronize(device: torch.device | str) -> None:
 CLOCKS = ("wall", "cpu")
 
 
+def rotated(items: Sequence[T], r: int) -> List[T]:
+    """``items`` starting at index ``r mod len(items)``: round ``r``'s order when rounds rotate the contenders."""
+    start = r % len(items) if items else 0
+    return list(items[start:]) + list(items[:start])
+
+
 def interleaved(
     fns: Dict[str, Callable[[], object]],
     repeats: int,
@@ -176,8 +183,7 @@ def interleaved(
     times: Dict[str, List[float]] = {name: [] for name in fns}
     order = list(fns.items())
     for r in range(repeats):
-        start = r % len(order) if rotate else 0
-        for name, fn in order[start:] + order[:start]:
+        for name, fn in rotated(order, r if rotate else 0):
             synchronize(device)
             t0 = now()
             fn()

@@ -41,6 +41,7 @@ from benchmarks.bench_fastpaths import contenders  # noqa: E402
 from benchmarks.common import child_env, format_table, machine_info, make_gate, make_inputs, write_json  # noqa: E402
 
 NAMES = ("epilogue", "no-inplace", "batched")
+CHILD_ENV = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -83,12 +84,9 @@ def _measure(args: argparse.Namespace, b: int) -> Dict[str, List[Dict[str, int]]
             "--N", str(args.N), "--L", str(args.L), "--heads", str(args.heads), "--head-dim", str(args.head_dim),
             "--calls", str(args.calls),
         ]  # fmt: skip
-        env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        # compile the imports natively first: under valgrind, compiling them from source takes most of the run
-        subprocess.run([sys.executable, "-c", "import benchmarks.bench_fastpaths"], check=True, env=env, cwd=ROOT)
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         parts = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
-        calls = [_totals(p) for p in parts[1 : 1 + args.calls * len(NAMES)]]  # part 1: import and warm-up
+        calls = [_totals(p) for p in parts[1 : 1 + args.calls * len(NAMES)]]  # part 1: switch-on to first call
     if len(calls) != args.calls * len(NAMES):
         raise RuntimeError(f"expected {args.calls * len(NAMES)} dumps after the warm-up, got {len(calls)}")
     counts: Dict[str, List[Dict[str, int]]] = {name: [] for name in NAMES}
@@ -121,6 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     if shutil.which("valgrind") is None:
         raise SystemExit("count_fastpaths: needs valgrind (Debian: apt install valgrind)")
     torch.set_num_threads(1)  # as in the child, so that machine_info reports the thread count counted
+    # compile the imports natively first: under valgrind, compiling them from source takes most of the run
+    subprocess.run([sys.executable, "-c", "import benchmarks.bench_fastpaths"], check=True, env=CHILD_ENV, cwd=ROOT)
 
     rows, results = [], []
     for b in args.B:

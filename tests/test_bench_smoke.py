@@ -192,3 +192,12 @@ def test_count_fastpaths_attributes_each_dump_to_its_call(monkeypatch, tmp_path)
     first = next(r for r in rows if r["contender"] == "batched")["calls"][0]
     assert (first["L1m"], first["LLm"], first["est"]) == (3, 3, 4 + 10 * 3 + 100 * 3)
     assert next(r for r in rows if r["contender"] == "no-inplace")["ratio"]["Ir"] == 3 / 2
+
+
+def test_rotated_starts_each_round_one_contender_later():
+    """Round r of a rotated order starts at contender r mod n (what `interleaved(rotate=True)` and
+    `bench_fastpaths --isolated` run)."""
+    from benchmarks.common import rotated
+
+    assert [rotated("abc", r) for r in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert rotated([], 3) == []
