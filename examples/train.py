@@ -79,6 +79,7 @@ def train_pool(
                 norga.gates.freeze_gates(model)  # alpha, tau: first task only
         pool.train_only(task)  # earlier prompts get no gradient and are restored after each step
         norga.set_task(model, task)
+        model.zero_grad(set_to_none=True)  # no gradient left from the last task (a frozen gate keeps its .grad)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=args.lr)
         pool.protect(optimizer)

@@ -261,14 +261,23 @@ def _checked_head(
         w, b = state.get(f"{name}.weight"), state.get(f"{name}.bias")
         if w is None:
             continue
-        if tuple(w.shape) != tuple(head.weight.shape) or (
-            b is not None and head.bias is not None and b.shape != head.bias.shape
-        ):
+        w = check_float_tensor(f"{name}.weight", w)
+        if tuple(w.shape) != tuple(head.weight.shape):
             raise ValueError(
                 f"the checkpoint's classifier {name}.weight has shape {tuple(w.shape)}, the model's head "
                 f"{tuple(head.weight.shape)} (create the model with num_classes={w.shape[0]})"
             )
-        return head, w, b
+        if (b is None) != (head.bias is None):
+            raise ValueError(
+                f"the checkpoint's classifier {name} {'has no' if b is None else 'has a'} bias, the model's head "
+                f"{'has one' if b is None else 'has none'}: the head would load only in part"
+            )
+        if b is not None and head.bias is not None and tuple(b.shape) != tuple(head.bias.shape):
+            raise ValueError(
+                f"the checkpoint's classifier {name}.bias has shape {tuple(b.shape)}, the model's head "
+                f"{tuple(head.bias.shape)}"
+            )
+        return head, w, None if b is None else check_float_tensor(f"{name}.bias", b)
     raise ValueError(f"include_head=True but the checkpoint has none of {[n + '.weight' for n in names]}")
 
 

@@ -208,6 +208,27 @@ def test_norga_checkpoint_errors():
     assert model.prompt_pool.num_tasks == 3
 
 
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda m: m.update({"head.bias": torch.zeros(1)}), r"head.bias has shape \(1,\), the model's head \(7,\)"),
+        (lambda m: m.pop("head.bias"), "has no bias, the model's head has one: the head would load only in part"),
+        (lambda m: m.update({"head.weight": torch.zeros(7, DIM, dtype=torch.long)}), "head.weight"),
+    ],
+    ids=["bias-shape", "no-bias", "integer-weight"],
+)
+def test_a_head_that_would_load_in_part_changes_nothing(edit, fragment):
+    ckpt = _norga_ckpt()
+    edit(ckpt["model"])
+    model = backbone()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=fragment):
+        load_norga_checkpoint(model, ckpt, activation="tanh", layers=[0, 1])
+    assert not hasattr(model, "prompt_pool") and not norga.patch.patched_layers(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 # ----------------------------------------------------------------------------------------------- SMoPE
 def smope_code(e, j, h, d, kv):
     return 1000.0 * e + 100.0 * j + 10.0 * h + d / 100.0 + 0.5 * kv

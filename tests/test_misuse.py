@@ -19,7 +19,7 @@ import timm
 import torch
 
 import norga
-from norga.checkpoint import read_prompt_metadata
+from norga.checkpoint import FORMAT_VERSION, read_prompt_metadata
 
 
 def _vit(depth: int = 3, **kw: Any) -> torch.nn.Module:
@@ -57,7 +57,7 @@ def _bad_metadata_file(tmp: Path) -> Path:
     from safetensors.torch import save_file
 
     path = tmp / "bad.safetensors"
-    meta = {"format": "norga.prompts", "format_version": 1, "model_name": "x", "pool": None, "tensors": {}}
+    meta = {"format": "norga.prompts", "format_version": FORMAT_VERSION, "model_name": "x", "pool": None, "tensors": {}}
     save_file({"t": torch.zeros(1)}, str(path), metadata={"format": "norga.prompts", "norga": json.dumps(meta)})
     return path
 
@@ -160,7 +160,7 @@ CASES: list[tuple[str, Callable[[Path], Any], type[BaseException], list[str]]] =
     (
         "save_prompts missing directory",
         lambda t: norga.save_prompts(_pooled(), t / "missing" / "p.safetensors"),
-        ValueError,
+        FileNotFoundError,
         ["path", "missing", "does not exist"],
     ),
     (
@@ -325,15 +325,12 @@ def test_save_prompts_that_raises_leaves_the_old_file(tmp_path: Path, monkeypatc
     path = tmp_path / "p.safetensors"
     norga.save_prompts(_pooled(), path)
     old = path.read_bytes()
-    import safetensors.torch
 
-    def broken(*args: Any, **kwargs: Any) -> None:
-        with open(args[1], "wb") as f:  # a partial write, then a failure
-            f.write(b"partial")
-        raise OSError("disk full")
+    def broken(fd: int) -> None:  # the data is written, then the disk gives up
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError, match=f"cannot write '{re.escape(str(path))}': No space left on device"):
         norga.save_prompts(_pooled(), path)
     assert path.read_bytes() == old
     assert sorted(os.listdir(tmp_path)) == ["p.safetensors"]  # no temporary file left behind

@@ -176,6 +176,7 @@ def run_pool(
         if gates:  # alpha and tau train on the first task only, as the authors do
             freeze_gates(model, frozen=t > 0)
         pool.train_only(t)
+        model.zero_grad(set_to_none=True)  # no gradient left from the last task (a frozen gate keeps its .grad)
         params = [pool.prompts, *head.parameters(), *[p for p in gates if p.requires_grad]]
         model.train()
         norga.set_task(model, t)

@@ -267,7 +267,15 @@ class PrefixPool(nn.Module):
         """
         self._task_index("task", task, high=self.num_tasks)
         self.frozen_before = task
-        self.frozen_values = self.prompts.detach()[:task].clone()
+        self.snapshot_frozen_()
+
+    def snapshot_frozen_(self) -> None:
+        """Take the snapshot of the frozen tasks (`< frozen_before`) again from the current prompts.
+
+        [`load_prompts`][norga.checkpoint.load_prompts] calls it after loading, so that `restore_frozen_` (and a
+        `protect` hook) keeps the loaded prompts, whichever of `train_only` and the load came first.
+        """
+        self.frozen_values = self.prompts.detach()[: self.frozen_before].clone()
 
     def train_only(self, task: int) -> None:
         """Train task `task`'s prompts with the earlier ones frozen: `freeze_tasks_before(task)`.
@@ -306,6 +314,54 @@ class PrefixPool(nn.Module):
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_layers:
             raise ValueError(f"layer index must be in [0, {self.num_layers}), got {index!r}")
         return PoolPrompt(self, index)
+
+    # ---------------------------------------------------------------- checkpoints and resuming
+    def checkpoint_config(self) -> dict[str, Any]:
+        """What [`save_prompts`][norga.checkpoint.save_prompts] records and `load_prompts` compares."""
+        t, n, _, length, dim = self._shape
+        return {
+            "kind": "PrefixPool",
+            "num_tasks": t,
+            "num_layers": n,
+            "length": length,
+            "dim": dim,
+            "momentum": float(self.momentum),
+        }
+
+    def training_state(self) -> dict[str, Any]:
+        """The training-state protocol ([`training_state`][norga.checkpoint.training_state]): the active task,
+        `frozen_before` and the frozen tasks' snapshot."""
+        task = self.task if isinstance(self.task, int) else self.task.detach().to("cpu", copy=True)
+        return {
+            "task": task,
+            "frozen_before": int(self.frozen_before),
+            "frozen_values": self.frozen_values.detach().to("cpu", copy=True),
+        }
+
+    def check_training_state(self, state: Any) -> None:
+        """Raise if `state` (from `training_state`) does not fit this pool; nothing changes.
+
+        Raises:
+            TypeError: not a dict of the fields `training_state` gives, or of the wrong types.
+            ValueError: a task out of range, or a snapshot of another shape.
+        """
+        if not isinstance(state, dict) or set(state) != {"task", "frozen_before", "frozen_values"}:
+            raise TypeError(f"expected a dict with 'task', 'frozen_before' and 'frozen_values', got {state!r:.200}")
+        self._checked_task(state["task"])
+        frozen = self._task_index("frozen_before", state["frozen_before"], high=self.num_tasks)
+        values = state["frozen_values"]
+        want = (frozen, *self._shape[1:])
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point() or tuple(values.shape) != want:
+            got = f"{values.dtype} {tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(f"frozen_values must be a floating-point tensor of shape {want}, got {got}")
+
+    def load_training_state(self, state: Any) -> None:
+        """Restore what `training_state` returned (checked first)."""
+        self.check_training_state(state)
+        self.task = self._checked_task(state["task"])
+        self.frozen_before = int(state["frozen_before"])
+        p = self.prompts
+        self.frozen_values = state["frozen_values"].to(device=p.device, dtype=p.dtype, copy=True)
 
     def extra_repr(self) -> str:
         frozen = f", frozen_before={self.frozen_before}" if self.frozen_before else ""

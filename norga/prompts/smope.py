@@ -298,6 +298,7 @@ class SMoPE(nn.Module):
         gate = None if self.gate is None else config() if callable(config) else {"kind": type(self.gate).__qualname__}
         return {
             "kind": "SMoPE",
+            "dim": int(self.dim),
             "num_heads": int(self.num_heads),
             "num_experts": int(self.num_experts),
             "top_k": int(self.top_k),
@@ -306,6 +307,21 @@ class SMoPE(nn.Module):
             "dense": bool(self.dense),
             "gate": gate,
         }
+
+    def training_state(self) -> dict[str, Any]:
+        """The training-state protocol ([`training_state`][norga.checkpoint.training_state]): the phase (`dense`);
+        usage counts, flags and the key snapshot are buffers, in the tensors."""
+        return {"dense": bool(self.dense)}
+
+    def check_training_state(self, state: Any) -> None:
+        """Raise `TypeError` if `state` is not `{"dense": bool}`; nothing changes."""
+        if not isinstance(state, dict) or set(state) != {"dense"} or not isinstance(state["dense"], bool):
+            raise TypeError(f"expected {{'dense': bool}}, got {state!r:.200}")
+
+    def load_training_state(self, state: Any) -> None:
+        """Restore what `training_state` returned (checked first)."""
+        self.check_training_state(state)
+        self.dense = state["dense"]
 
     def extra_repr(self) -> str:
         gate = "" if self.gate is None else f", gate={type(self.gate).__name__}"

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from .._checks import check_bool, check_int, check_model
-from .pool import PrefixPool, TaskSpec
+from .pool import POOL_NAME, PrefixPool, TaskSpec
 from .smope import SMoPE
 
 __all__ = [
     "Phase",
     "count_usage",
     "end_task",
+    "model_prompt",
     "prefix_pools",
     "set_dense",
     "set_task",
@@ -31,6 +32,12 @@ def prefix_pools(model: nn.Module) -> list[PrefixPool]:
     """Every [`PrefixPool`][norga.prompts.PrefixPool] in `model` (through DDP / `torch.compile` wrappers too)."""
     check_model("prefix_pools", model)
     return [m for m in model.modules() if isinstance(m, PrefixPool)]
+
+
+def model_prompt(model: nn.Module) -> nn.Module | None:
+    """The model-level prompt module `patch_vit` registered on `model` (`model.prompt_pool`), or `None`."""
+    found = getattr(model, POOL_NAME, None)
+    return found if isinstance(found, PrefixPool) else None
 
 
 def set_task(model: nn.Module, task: TaskSpec) -> None:

@@ -124,7 +124,14 @@ def test_metadata(tmp_path):
     assert meta["layers"][0]["class"] == "PrefixMoEAttention"
     assert meta["layers"][1]["gate"] == {"kind": "NoRGaGate", "activation": "tanh", "learnable": True}
     assert meta["layers"][1]["prompt"] == {"kind": "PoolPrompt", "pool_layer": 1}
-    assert meta["pool"] == {"num_tasks": 3, "num_layers": 2, "length": 4, "dim": 64}
+    assert meta["pool"] == {
+        "kind": "PrefixPool",
+        "num_tasks": 3,
+        "num_layers": 2,
+        "length": 4,
+        "dim": 64,
+        "momentum": 0.0,
+    }
     assert meta["tensors"]["prompt_pool.prompts"] == {"shape": [3, 2, 2, 4, 64], "dtype": "float32"}
     save_prompts(a, path, model_name="my-backbone")
     assert read_prompt_metadata(path)["model_name"] == "my-backbone"
@@ -311,3 +318,193 @@ def test_wrapped_model_saves_unwrapped_keys(tmp_path):
     b = pool_model(2)
     load_prompts(Wrapper(b), path)
     assert torch.equal(a.prompt_pool.prompts, b.prompt_pool.prompts)
+
+
+# ------------------------------------------------------------------------ damaged files load nothing at all
+def _rewritten(path, tmp_path, edit):
+    """A copy of the prompt file at `path` with its tensors edited by `edit(tensors)` and its metadata kept."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    _, header = _safetensors_header(path)
+    edit(tensors)
+    out = tmp_path / "edited.safetensors"
+    save_file(tensors, str(out), metadata=header["__metadata__"])
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, edit, fragment",
+    [
+        (
+            "a listed tensor is missing",
+            lambda t: t.pop("prompt_pool.prompts"),
+            "prompt_pool.prompts: listed in the metadata but the file holds no such tensor",
+        ),
+        (
+            "a tensor of another shape",
+            lambda t: t.update({"head.bias": torch.zeros(1)}),
+            r"head.bias: stored as float32 \(1,\), but the metadata gives float32 \(7,\)",
+        ),
+        (
+            "a tensor of another dtype",
+            lambda t: t.update({"head.bias": torch.zeros(7, dtype=torch.int64)}),
+            r"head.bias: stored as int64 \(7,\), but the metadata gives float32 \(7,\)",
+        ),
+        (
+            "an unlisted tensor",
+            lambda t: t.update({"blocks.5.attn.extra": torch.zeros(2)}),
+            "blocks.5.attn.extra: the file holds this tensor but its metadata does not list it",
+        ),
+    ],
+    ids=lambda c: c if isinstance(c, str) and " " in c else "",
+)
+def test_a_damaged_file_raises_naming_the_key_and_changes_nothing(tmp_path, case, edit, fragment):
+    path = _rewritten(_saved(tmp_path, pool_model(1), include_head=True), tmp_path, edit)
+    model = pool_model(2)
+    before = _unchanged(model)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=fragment):
+            load_prompts(model, path, strict=strict)
+        _assert_unchanged(model, before)
+
+
+def test_a_tensor_whose_dtype_cannot_be_cast_is_refused(tmp_path):
+    path = _saved(tmp_path, smope_model(1))
+    model = smope_model(2)
+    for layer in norga.prompts.smope_layers(model):
+        layer.frequent = layer.frequent.float()  # a model whose flags are not bool: the file's bools do not cast
+    before = _unchanged(model)
+    with pytest.raises(
+        ValueError,
+        match=r"blocks.0.attn.prompt.frequent: dtype bool in the file cannot be loaded into "
+        r"float32",
+    ):
+        load_prompts(model, path)
+    _assert_unchanged(model, before)
+
+
+def test_floating_tensors_are_cast_to_the_model_dtype(tmp_path):
+    path = _saved(tmp_path, pool_model(1))
+    model = pool_model(2).double()
+    load_prompts(model, path)
+    assert model.prompt_pool.prompts.dtype == torch.float64
+    assert torch.equal(model.prompt_pool.prompts, pool_model(1).prompt_pool.prompts.double())
+
+
+# ------------------------------------------------------------------------ settings are recorded and compared
+def momentum_model(momentum: float):
+    model = backbone()
+    norga.patch_vit(model, prompt=norga.PrefixPool(3, 2, 4, 64, momentum=momentum), layers=[0, 1])
+    return model
+
+
+def test_pool_momentum_is_recorded_refused_under_strict_and_warned_otherwise(tmp_path):
+    path = _saved(tmp_path, momentum_model(0.1))
+    assert read_prompt_metadata(path)["pool"]["momentum"] == 0.1
+    model = momentum_model(0.0)
+    before = _unchanged(model)
+    with pytest.raises(ValueError, match="prompt pool: momentum 0.1 in the file, 0.0 in this model"):
+        load_prompts(model, path)
+    _assert_unchanged(model, before)
+    with pytest.warns(UserWarning, match="prompt pool: momentum 0.1 in the file, 0.0 in this model"):
+        load_prompts(model, path, strict=False)
+    assert torch.equal(model.prompt_pool.prompts, momentum_model(0.1).prompt_pool.prompts)
+    assert model.prompt_pool.momentum == 0.0  # a setting is the model's own; only tensors load
+
+
+def test_a_smope_setting_mismatch_is_a_warning_without_strict(tmp_path):
+    path = _saved(tmp_path, smope_model(1, top_k=2))
+    model = smope_model(2, top_k=3)
+    with pytest.warns(UserWarning, match="SMoPE differs: top_k=2 in the file, 3 in this model"):
+        load_prompts(model, path, strict=False)
+    assert torch.equal(model.blocks[0].attn.prompt.keys, smope_model(1).blocks[0].attn.prompt.keys)
+
+
+def test_another_kind_of_prompt_is_an_error_in_both_modes(tmp_path):
+    path = _saved(tmp_path, pool_model(1, activation=None))
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"gate None in the file, \{'kind': 'NoRGaGate'"):
+            load_prompts(pool_model(2), path, strict=strict)
+
+
+# ------------------------------------------------------------------------ frozen tasks follow a load
+def test_train_only_before_load_protects_the_loaded_prompts(tmp_path):
+    trained = pool_model(1)
+    path = _saved(tmp_path, trained)
+    model = pool_model(2)
+    model.prompt_pool.train_only(2)  # before the load: the snapshot would be of the random initialisation
+    load_prompts(model, path)
+    optimizer = torch.optim.SGD([model.prompt_pool.prompts], lr=0.1, weight_decay=0.5)
+    model.prompt_pool.protect(optimizer)
+    norga.set_task(model, 2)
+    model.train()
+    model(_x()).sum().backward()
+    optimizer.step()
+    # tasks 0 and 1 are frozen: exactly the loaded values (weight decay moved them, protect put them back)
+    assert torch.equal(model.prompt_pool.prompts[:2], trained.prompt_pool.prompts[:2])
+    assert not torch.equal(model.prompt_pool.prompts[2], trained.prompt_pool.prompts[2])
+
+
+# ------------------------------------------------------------------------ every option is recorded
+# For each norga module with a checkpoint_config: how to build it, and another value for every option of its
+# __init__. Options that only initialise tensors (the tensors are in the file) or that are other modules (they
+# record themselves) are listed apart. A new option, or a new prompt type, fails here until it is recorded.
+def _pool(**kw):
+    return norga.PrefixPool(**{"num_tasks": 2, "num_layers": 1, "length": 4, "dim": 8, **kw})
+
+
+OPTIONS = {
+    norga.PrefixPrompt: (
+        lambda **kw: norga.PrefixPrompt(**{"length": 4, "dim": 8, **kw}),
+        {"length": 5, "dim": 16},
+        {"init"},
+    ),
+    norga.PrefixPool: (_pool, {"num_tasks": 3, "num_layers": 2, "length": 5, "dim": 16, "momentum": 0.1}, {"init"}),
+    norga.prompts.PoolPrompt: (
+        lambda **kw: norga.prompts.PoolPrompt(_pool(num_layers=2), **{"index": 0, **kw}),
+        {"index": 1},
+        {"pool"},
+    ),
+    norga.SMoPE: (
+        lambda **kw: norga.SMoPE(**{"dim": 8, "num_heads": 2, "num_experts": 4, "top_k": 2, **kw}),
+        {"dim": 16, "num_heads": 4, "num_experts": 5, "top_k": 3, "noise_eps": 0.3, "scale": 0.25, "gate": "tanh"},
+        set(),
+    ),
+    norga.NoRGaGate: (
+        lambda **kw: norga.NoRGaGate(**kw),
+        {"activation": "sigmoid", "learnable": False},
+        {"alpha", "tau"},
+    ),
+}
+
+
+def _recorded_types():
+    import inspect
+
+    found = set()
+    for mod in (norga.prompts, norga.gates):
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and hasattr(obj, "checkpoint_config"):
+                found.add(obj)
+    return found
+
+
+def test_every_prompt_type_is_in_the_options_table():
+    assert _recorded_types() == set(OPTIONS), "add the new prompt type to OPTIONS with every option"
+
+
+@pytest.mark.parametrize("cls", list(OPTIONS), ids=lambda c: c.__name__)
+def test_every_option_is_recorded_in_the_checkpoint_config(cls):
+    import inspect
+
+    build, alternatives, apart = OPTIONS[cls]
+    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    assert params == set(alternatives) | apart, (
+        f"{cls.__name__}: options not in the table: {params - set(alternatives) - apart}"
+    )
+    base = build().checkpoint_config()
+    json.dumps(base)  # it goes into the file's JSON header
+    for option, value in alternatives.items():
+        assert build(**{option: value}).checkpoint_config() != base, f"{cls.__name__}.{option} is not recorded"
