@@ -28,10 +28,12 @@ from .prompts import (
     SMoPE,
     count_usage,
     end_task,
+    prompt_losses,
     set_dense,
     set_task,
     smope_factory,
     smope_losses,
+    use_query,
     use_task,
 )
 
@@ -50,12 +52,14 @@ __all__ = [
     "load_smope_checkpoint",
     "patch_vit",
     "prefix_attention",
+    "prompt_losses",
     "save_prompts",
     "set_dense",
     "set_task",
     "smope_factory",
     "smope_losses",
     "unpatch_vit",
+    "use_query",
     "use_task",
 ]
 

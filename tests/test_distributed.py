@@ -4,6 +4,7 @@ One spawn (module fixture) runs every scenario; each rank writes what it observe
 tests compare the ranks here. Scenarios:
 
 * DDP + PrefixPool + NoRGa gates (no ``find_unused_parameters``; inactive tasks' prompts present);
+* DDP + CODA-Prompt (the query pass inside the forward; detached and unused components; the auxiliary loss);
 * DDP + SMoPE, counting passes on the unwrapped model and :func:`norga.distributed.sync_smope_usage`;
 * FSDP2 ``fully_shard`` + PrefixPool + NoRGa gates (scalar gate parameters ignored by FSDP and reduced
   with :func:`norga.distributed.all_reduce_grads`).
@@ -281,8 +282,42 @@ def _scenario_fsdp2_smope(rank: int, outdir: str) -> dict:
     return out
 
 
+def _scenario_ddp_coda(rank: int, outdir: str) -> dict:
+    """DDP over a CODA-Prompt model in its second task: the query pass inside each forward, earlier components
+    detached, later ones unused, the orthogonality penalty in the loss; no find_unused_parameters."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import norga
+
+    model = _tiny()
+    torch.manual_seed(5)
+    norga.patch_vit(model, prompt=norga.prompts.CODAPrompt(3, 64, pool_size=6, length=4, ortho_mu=0.1, layers=(0, 1)))
+    norga.set_task(model, 1)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("prompt_pool", "head")))
+    ddp = DDP(model)
+    model.train()
+    x, y = _data(rank, 0)
+    with ddp.no_sync():
+        (F.cross_entropy(ddp(x), y) + norga.prompt_losses(model)).backward()
+    local = _norga_grads(model)
+    model.zero_grad(set_to_none=True)
+    (F.cross_entropy(ddp(x), y) + norga.prompt_losses(model)).backward()
+    synced = _norga_grads(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    opt.step()
+    for step in range(1, STEPS):
+        opt.zero_grad(set_to_none=True)
+        x, y = _data(rank, step)
+        (F.cross_entropy(ddp(x), y) + norga.prompt_losses(model)).backward()
+        opt.step()
+    return {"local": local, "synced": synced, "final": _params(model)}
+
+
 SCENARIOS = {
     "ddp_pool": _scenario_ddp_pool,
+    "ddp_coda": _scenario_ddp_coda,
     "ddp_smope": _scenario_ddp_smope,
     "fsdp2_pool": _scenario_fsdp2_pool,
     "fsdp2_smope": _scenario_fsdp2_smope,
@@ -355,6 +390,18 @@ def test_ddp_ranks_end_with_identical_parameters(ranks):
     assert not torch.equal(
         r0["final"]["blocks.0.attn.prefix_gate.alpha"], r0["start"]["blocks.0.attn.prefix_gate.alpha"]
     )
+
+
+def test_ddp_coda_gradients_are_the_mean_and_ranks_agree(ranks):
+    r0, r1 = _get(ranks, "ddp_coda")
+    assert {"prompt_pool.keys", "prompt_pool.attention", "prompt_pool.prompts"} <= set(r0["synced"])
+    for name in r0["synced"]:  # bit for bit, as for the pool above
+        assert not torch.equal(r0["local"][name], r1["local"][name]), name
+        assert torch.equal(r0["synced"][name], (r0["local"][name] + r1["local"][name]) / 2), name
+    keys = r0["synced"]["prompt_pool.keys"]
+    assert torch.count_nonzero(keys[:, :2]) == 0 and torch.count_nonzero(keys[:, 4:]) == 0  # detached, unused
+    for name in r0["final"]:
+        assert torch.equal(r0["final"][name], r1["final"][name]), name
 
 
 def test_ddp_smope_parameters_identical(ranks):

@@ -624,7 +624,9 @@ def network_tol(
     ``LayerScale`` and each residual or position-embedding add (one rounding), and each attention's core
     (:func:`attention_tol`, elementwise, with a norga layer's prefix and gate). ``features``: bound
     ``forward_features`` instead of the logits; ``param_err``: ``{parameter name: bound}`` for parameters
-    that carry an error of their own (a resampled position table). Returns a tensor of the output's shape."""
+    that carry an error of their own (a resampled position table). Operations under ``no_grad`` (the query pass of
+    a ``QueryPrompt``, which selects prompts but is not differentiated) are not sites: use it where the output
+    depends on them only through discrete choices (L2P, DualPrompt). Returns a tensor of the output's shape."""
     import copy
 
     from timm.layers import LayerScale
@@ -643,7 +645,8 @@ def network_tol(
     handles = []
 
     def site(t: torch.Tensor, eps: torch.Tensor) -> None:
-        sites.append((t, eps.detach()))
+        if t.requires_grad:  # a QueryPrompt's query pass runs under no_grad: the output is constant in it
+            sites.append((t, eps.detach()))
 
     def linear(mod, args, out):
         xa = args[0].detach().abs()
@@ -666,8 +669,8 @@ def network_tol(
         q, k, v = qkv_out[mod].detach().reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
         pk = pv = None
         kw = {}
-        if getattr(mod, "prompt", None) is not None:
-            p = mod.prompt(q)  # a Prefix in head space (1 or B, H, L, D)
+        p = mod.prompt(q) if getattr(mod, "prompt", None) is not None else None  # a Prefix in head space
+        if p is not None:  # (a QueryPrompt's layer gives none in its query pass)
             pk, pv = p.key.expand(B, -1, -1, -1), p.value.expand(B, -1, -1, -1)
             kw = gate_args(mod.prefix_gate)
             if p.logits is not None:  # SMoPE: row-constant routing logits, gated inside the prompt

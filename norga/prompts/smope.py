@@ -72,6 +72,10 @@ class SMoPE(nn.Module):
         gate: Optional gate on the selected experts' logits (an activation name or a module such as
             `NoRGaGate("tanh")`). This is norga's extension: the authors' SMoPE has none. Do not also
             give the attention layer a `gate`, or the logits are gated twice.
+        router_weight: The router loss's weight in [`prompt_losses`][norga.prompts.prompt_losses] (the authors'
+            `prompt_param[2]`, `mu_router`: 1e-5 for CIFAR-100 and CUB-200, 5e-5 to 1e-4 for ImageNet-R).
+        prototype_weight: The prototype loss's weight there (`prompt_param[3]`, `mu_router_old`: 1e-5 for
+            CIFAR-100, 5e-5 for CUB-200, 5e-5 to 1e-4 for ImageNet-R).
 
     Attributes:
         keys, values: `nn.Parameter` `(H, E, D)`, initialised `U[0, 1)` as the authors do.
@@ -97,6 +101,8 @@ class SMoPE(nn.Module):
         noise_eps: float = 0.4,
         scale: float | None = None,
         gate: NoRGaGate | nn.Module | str | None = None,
+        router_weight: float = 1e-5,
+        prototype_weight: float = 1e-5,
     ) -> None:
         super().__init__()
         check_int("dim", dim, 1)
@@ -122,6 +128,8 @@ class SMoPE(nn.Module):
         self.noise_eps = float(noise_eps)
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.gate = resolve_gate(gate)
+        self.router_weight = check_real("router_weight", router_weight, minimum=0.0)
+        self.prototype_weight = check_real("prototype_weight", prototype_weight, minimum=0.0)
         self.dense = False
         self.counting = False
         self.keys = nn.Parameter(torch.rand(num_heads, num_experts, head_dim))
@@ -306,6 +314,8 @@ class SMoPE(nn.Module):
             "scale": float(self.scale),
             "dense": bool(self.dense),
             "gate": gate,
+            "router_weight": self.router_weight,
+            "prototype_weight": self.prototype_weight,
         }
 
     def training_state(self) -> dict[str, Any]:
@@ -346,6 +356,8 @@ class SMoPEFactory:
         top_k: int = 5,
         noise_eps: float = 0.4,
         gate: NoRGaGate | nn.Module | str | None = None,
+        router_weight: float = 1e-5,
+        prototype_weight: float = 1e-5,
     ) -> None:
         _check_routing(num_experts, top_k, noise_eps)
         if gate is not None and not isinstance(gate, (str, nn.Module)):
@@ -354,6 +366,8 @@ class SMoPEFactory:
         self.top_k = top_k
         self.noise_eps = noise_eps
         self.gate = gate
+        self.router_weight = check_real("router_weight", router_weight, minimum=0.0)
+        self.prototype_weight = check_real("prototype_weight", prototype_weight, minimum=0.0)
 
     def __call__(self, layer_index: int, attn: nn.Module) -> SMoPE:
         gate = copy.deepcopy(self.gate) if isinstance(self.gate, nn.Module) else self.gate  # own alpha, tau per layer
@@ -366,6 +380,8 @@ class SMoPEFactory:
             noise_eps=self.noise_eps,
             scale=float(layer.scale),
             gate=gate,
+            router_weight=self.router_weight,
+            prototype_weight=self.prototype_weight,
         )
 
     def __repr__(self) -> str:
@@ -373,7 +389,19 @@ class SMoPEFactory:
 
 
 def smope_factory(
-    num_experts: int = 25, top_k: int = 5, noise_eps: float = 0.4, gate: NoRGaGate | nn.Module | str | None = None
+    num_experts: int = 25,
+    top_k: int = 5,
+    noise_eps: float = 0.4,
+    gate: NoRGaGate | nn.Module | str | None = None,
+    router_weight: float = 1e-5,
+    prototype_weight: float = 1e-5,
 ) -> SMoPEFactory:
     """A factory for `patch_vit(model, prompt=smope_factory(...))`: an [`SMoPE`][norga.prompts.SMoPE] per layer."""
-    return SMoPEFactory(num_experts=num_experts, top_k=top_k, noise_eps=noise_eps, gate=gate)
+    return SMoPEFactory(
+        num_experts=num_experts,
+        top_k=top_k,
+        noise_eps=noise_eps,
+        gate=gate,
+        router_weight=router_weight,
+        prototype_weight=prototype_weight,
+    )

@@ -468,13 +468,76 @@ OPTIONS = {
     ),
     norga.SMoPE: (
         lambda **kw: norga.SMoPE(**{"dim": 8, "num_heads": 2, "num_experts": 4, "top_k": 2, **kw}),
-        {"dim": 16, "num_heads": 4, "num_experts": 5, "top_k": 3, "noise_eps": 0.3, "scale": 0.25, "gate": "tanh"},
+        {
+            "dim": 16,
+            "num_heads": 4,
+            "num_experts": 5,
+            "top_k": 3,
+            "noise_eps": 0.3,
+            "scale": 0.25,
+            "gate": "tanh",
+            "router_weight": 0.1,
+            "prototype_weight": 0.2,
+        },
         set(),
     ),
     norga.NoRGaGate: (
         lambda **kw: norga.NoRGaGate(**kw),
         {"activation": "sigmoid", "learnable": False},
         {"alpha", "tau"},
+    ),
+    norga.prompts.L2P: (
+        lambda **kw: norga.prompts.L2P(**{"num_tasks": 2, "dim": 8, "pool_size": 4, "top_k": 2, **kw}),
+        {
+            "num_tasks": 3,
+            "dim": 16,
+            "pool_size": 5,
+            "length": 6,
+            "top_k": 3,
+            "layers": (0,),
+            "key_dim": 4,
+            "pull": "own",
+        },
+        set(),
+    ),
+    norga.prompts.DualPrompt: (
+        lambda **kw: norga.prompts.DualPrompt(**{"num_tasks": 2, "dim": 8, **kw}),
+        {
+            "num_tasks": 3,
+            "dim": 16,
+            "pool_size": 5,
+            "e_length": 6,
+            "g_length": 4,
+            "g_layers": (0,),
+            "e_layers": (1, 2),
+            "key_dim": 4,
+        },
+        set(),
+    ),
+    norga.prompts.CODAPrompt: (
+        lambda **kw: norga.prompts.CODAPrompt(**{"num_tasks": 2, "dim": 8, "pool_size": 4, **kw}),
+        {"num_tasks": 3, "dim": 16, "pool_size": 6, "length": 6, "ortho_mu": 0.1, "layers": (0, 1), "key_dim": 4},
+        set(),
+    ),
+    norga.prompts.VQPrompt: (
+        lambda **kw: norga.prompts.VQPrompt(**{"num_tasks": 2, "dim": 8, **kw}),
+        {
+            "num_tasks": 3,
+            "dim": 16,
+            "pool_size": 5,
+            "length": 6,
+            "temperature": 0.5,
+            "vq_coef": 0.3,
+            "commit_coef": 0.2,
+            "layers": (0, 1),
+            "key_dim": 4,
+        },
+        set(),
+    ),
+    norga.prompts.QueryLayerPrompt: (
+        lambda **kw: norga.prompts.QueryLayerPrompt(norga.prompts.VQPrompt(2, 8), **{"slot": 0, **kw}),
+        {"slot": 1},
+        {"owner"},
     ),
 }
 
@@ -486,7 +549,13 @@ def _recorded_types():
     for mod in (norga.prompts, norga.gates):
         for name in mod.__all__:
             obj = getattr(mod, name)
-            if inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and hasattr(obj, "checkpoint_config"):
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, torch.nn.Module)
+                and hasattr(obj, "checkpoint_config")
+                and not inspect.isabstract(obj)
+                and obj is not norga.prompts.QueryPrompt  # the base class: its subclasses are listed
+            ):
                 found.add(obj)
     return found
 
