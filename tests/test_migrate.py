@@ -8,6 +8,7 @@ attention equation (``NoRGa_Attention``: ``s + act(s * act_scale[0]) * act_scale
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -297,3 +298,128 @@ def test_smope_errors():
         load_smope_checkpoint(backbone(), {"head.weight": torch.zeros(7, DIM)})
     with pytest.raises(ValueError, match=r"SMoPE experts for 2 layers but layers=\[0, 1, 2, 3, 4, 5\]"):
         load_smope_checkpoint(backbone(depth=6), smope_state())
+
+
+# ------------------------------------------------------------------------------- the CODA-Prompt codebase
+def coda_state(method: str, layers=(0, 1, 2, 3, 4), pool: int = 6, length: int = 4, g_layers=(0, 1)):
+    """`ViTZoo.state_dict()` of the authors' codebase: each prompt element encodes its (kind, layer, index)."""
+    kinds = {"l2p": ("e_p", "e_k"), "vq": ("e_p", "e_k"), "coda": ("e_p", "e_k", "e_a"), "dual": ("e_p", "e_k")}
+    state = {"feat.cls_token": torch.zeros(1, 1, DIM)}
+    e_layers = (2, 3, 4) if method == "dual" else layers
+    for c, kind in enumerate(kinds[method]):
+        for layer in e_layers:
+            shape = (pool, length, DIM) if kind == "e_p" else (pool, DIM)
+            state[f"prompt.{kind}_{layer}"] = torch.arange(math.prod(shape), dtype=torch.float32).reshape(
+                shape
+            ) / 1e4 + (10 * c + layer)
+    if method == "dual":
+        for layer in g_layers:
+            state[f"prompt.g_p_{layer}"] = torch.full((2, DIM), 100.0 + layer)
+    g = torch.Generator().manual_seed(4)
+    state["last.weight"] = torch.randn(7, DIM, generator=g)
+    state["last.bias"] = torch.randn(7, generator=g)
+    return state
+
+
+@pytest.mark.parametrize("method", ["l2p", "dual", "coda", "vq"])
+def test_load_coda_checkpoint_places_every_tensor(method):
+    state = coda_state(method)
+    model = backbone(depth=5)
+    rng = torch.random.get_rng_state()
+    norga.migrate.load_coda_checkpoint(model, {**state}, method, num_tasks=3, task=1)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # building the module drew nothing from the user's RNG
+    pool = model.prompt_pool
+    names = {
+        "e_p": "e_prompts" if method == "dual" else "prompts",
+        "e_k": "e_keys" if method == "dual" else "keys",
+        "e_a": "attention",
+        "g_p": "g_prompts",
+    }
+    for key, value in state.items():
+        kind, _, layer = key.removeprefix("prompt.").rpartition("_")
+        if kind not in names:
+            continue
+        layers = pool.g_layers if kind == "g_p" else (pool.e_layers if method == "dual" else pool.layers)
+        assert torch.equal(getattr(pool, names[kind])[layers.index(int(layer))], value), key
+    assert torch.equal(model.head.weight, state["last.weight"]) and torch.equal(model.head.bias, state["last.bias"])
+    assert pool.task == 1 and [lay.index for lay in norga.patch.patched_layers(model)] == [0, 1, 2, 3, 4]
+    if method == "coda":
+        assert pool.started == 2
+        before = pool.keys.detach().clone()
+        norga.set_task(model, 1)  # task 1's components are in the file: not drawn again
+        assert torch.equal(pool.keys, before)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+
+
+def test_load_coda_checkpoint_shallow_l2p_and_options(tmp_path):
+    state = coda_state("l2p", layers=(0,))
+    path = tmp_path / "task_1class.pth"
+    torch.save(state, path)
+    model = norga.migrate.load_coda_checkpoint(backbone(), path, "l2p", num_tasks=2, top_k=3, pull="own")
+    assert model.prompt_pool.layers == (0,) and model.prompt_pool.top_k == 3 and model.prompt_pool.pull == "own"
+    coda = norga.migrate.load_coda_checkpoint(backbone(depth=5), coda_state("coda"), "coda", num_tasks=3, ortho_mu=0.1)
+    assert coda.prompt_pool.ortho_mu == 0.1
+    vq = norga.migrate.load_coda_checkpoint(backbone(depth=5), coda_state("vq"), "vq", num_tasks=3, temperature=2.0)
+    assert vq.prompt_pool.temperature == 2.0
+
+
+@pytest.mark.parametrize(
+    "build, exc, fragment",
+    [
+        (
+            lambda: (coda_state("coda"), "l2p", {}),
+            ValueError,
+            r"method='l2p' expects the tensors \['e_p', 'e_k'\] per layer, the checkpoint has \['e_a', 'e_k', 'e_p'\] "
+            r"\(a checkpoint of method='coda'\?\)",
+        ),
+        (lambda: (coda_state("l2p"), "l2p", {"ortho_mu": 0.1}), TypeError, r"takes the options \['pull', 'top_k'\]"),
+        (lambda: (coda_state("l2p"), "lp2", {}), ValueError, "method must be one of"),
+        (
+            lambda: ({"head.weight": torch.zeros(7, DIM)}, "l2p", {}),
+            ValueError,
+            "not a CODA-Prompt codebase checkpoint",
+        ),
+        (
+            lambda: ({**coda_state("l2p"), "prompt.e_k_3": torch.zeros(5, DIM)}, "l2p", {}),
+            ValueError,
+            "differ in pool size|share one shape",
+        ),
+        (
+            lambda: ({k: v for k, v in coda_state("vq").items() if k != "prompt.e_k_4"}, "vq", {}),
+            ValueError,
+            "on different layers",
+        ),
+        (lambda: (coda_state("dual"), "dual", {"task": 9}), ValueError, "task 9 has no E-prompt|task must be in"),
+    ],
+)
+def test_load_coda_checkpoint_errors_change_nothing(build, exc, fragment):
+    state, method, options = build()
+    model = backbone(depth=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(exc, match=fragment):
+        norga.migrate.load_coda_checkpoint(model, state, method, num_tasks=3, **options)
+    assert not hasattr(model, "prompt_pool") and not norga.patch.patched_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_coda_checkpoint_refuses_another_width():
+    with pytest.raises(ValueError, match="has dim=64 but layer 0"):
+        norga.migrate.load_coda_checkpoint(
+            timm_model(embed_dim=32), coda_state("vq"), "vq", num_tasks=3, include_head=False
+        )
+
+
+def timm_model(embed_dim: int):
+    import timm
+
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=5,
+        embed_dim=embed_dim,
+        num_heads=4,
+        num_classes=7,
+    )

@@ -577,3 +577,37 @@ def test_every_option_is_recorded_in_the_checkpoint_config(cls):
     json.dumps(base)  # it goes into the file's JSON header
     for option, value in alternatives.items():
         assert build(**{option: value}).checkpoint_config() != base, f"{cls.__name__}.{option} is not recorded"
+
+
+# ------------------------------------------------------------------------ the query prompt methods
+QUERY_METHODS = {
+    "l2p": lambda: norga.prompts.L2P(3, 64, pool_size=6, length=4, top_k=2, layers=(0, 1)),
+    "dual": lambda: norga.prompts.DualPrompt(3, 64, pool_size=3, e_length=4, g_length=2, g_layers=(0,), e_layers=(1,)),
+    "coda": lambda: norga.prompts.CODAPrompt(3, 64, pool_size=6, length=4, layers=(0, 1)),
+    "vq": lambda: norga.prompts.VQPrompt(3, 64, pool_size=4, length=4, layers=(0, 1)),
+}
+
+
+def query_model(name: str, seed: int):
+    model = backbone()
+    torch.manual_seed(seed)
+    norga.patch_vit(model, prompt=QUERY_METHODS[name]())
+    norga.set_task(model, 1)
+    return model
+
+
+@pytest.mark.parametrize("name", list(QUERY_METHODS))
+def test_query_methods_roundtrip(tmp_path, name):
+    a = query_model(name, 1)
+    path = _saved(tmp_path, a, include_head=True)
+    assert read_prompt_metadata(path)["pool"]["kind"] == type(a.prompt_pool).__name__
+    b = query_model(name, 2)
+    with torch.no_grad():
+        assert not torch.equal(a(_x()), b(_x()))
+        load_prompts(b, path)
+        assert torch.equal(a(_x()), b(_x()))
+    other = backbone()
+    norga.patch_vit(other, prompt=norga.prompts.L2P(3, 64, pool_size=5, length=4, top_k=2, layers=(0, 1)))
+    if name != "l2p":
+        with pytest.raises(ValueError, match=r"prompt pool: \{'kind'"):
+            load_prompts(other, path)

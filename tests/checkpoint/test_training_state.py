@@ -322,3 +322,62 @@ def test_training_state_loads_with_weights_only(tmp_path: Path) -> None:
     norga.set_task(model, torch.tensor([1, 0]))
     torch.save(training_state(model), tmp_path / "s.pt")
     load_training_state(_pool_model(2), torch.load(tmp_path / "s.pt", weights_only=True))
+
+
+# ------------------------------------------------------------------------- CODA-Prompt across a task start
+def _coda_model(seed: int) -> torch.nn.Module:
+    model = _backbone()
+    torch.manual_seed(seed)
+    norga.patch_vit(
+        model, prompt=norga.prompts.CODAPrompt(TASKS, 64, pool_size=6, length=4, ortho_mu=0.1, layers=(0, 1))
+    )
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith(("prompt_pool.", "head."))
+    return model
+
+
+def _train_coda(model, tmp_path: Path, start=(0, 0), stop=None, resume: Path | None = None):
+    """The authors' loop: a task start draws the task's components (set_task), a fresh optimizer per task; the
+    checkpoint also keeps the random generator (the next task's components are drawn from it)."""
+    ckpt = torch.load(resume, weights_only=True) if resume is not None else None
+    if ckpt is not None:
+        load_training_state(model, ckpt["norga"])
+        torch.random.set_rng_state(ckpt["rng"])
+    model.train()
+    for task in range(start[0], TASKS):
+        first = start[1] if task == start[0] else 0
+        if first == 0:
+            norga.set_task(model, task)
+        optimizer = torch.optim.Adam(_trainable(model), lr=0.05)
+        if first > 0 and ckpt is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        for step in range(first, STEPS):
+            if stop == (task, step):
+                path = tmp_path / "resume.pt"
+                torch.save(
+                    {
+                        "norga": training_state(model),
+                        "optimizer": optimizer.state_dict(),
+                        "rng": torch.random.get_rng_state(),
+                    },
+                    path,
+                )
+                return path
+            x, y = _batch(task, step)
+            loss = F.cross_entropy(model(x), y) + norga.prompt_losses(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return None
+
+
+@pytest.mark.parametrize("stop", [(1, 0), (1, 2)], ids=["second-task-start", "mid-second-task"])
+def test_coda_resumes_bitwise(tmp_path: Path, stop) -> None:
+    straight = _coda_model(1)
+    _train_coda(straight, tmp_path)
+    first = _coda_model(1)
+    path = _train_coda(first, tmp_path, stop=stop)
+    resumed = _coda_model(2)
+    _train_coda(resumed, tmp_path, start=stop, resume=path)
+    _assert_bitwise(_state(resumed), _state(straight))
+    assert resumed.prompt_pool.started == TASKS
