@@ -7,9 +7,10 @@ and a 40-class stream of 4 domains (Fashion-MNIST, Animal-MNIST, letters rendere
 `clstream/sources.py`). `--quick`: 4 tasks, one domain each; default: 8 tasks, half a domain each. Class order,
 task order and subsamples are seeded; train and test are disjoint.
 
-Methods (`clstream/methods.py`), all with the same budget, seed and data: `prefix`, `norga-tanh`,
-`norga-sigmoid`, `norga-gelu` (one prompt per task, task-identity inference), `smope` (shared sparse prompt
-experts), `linear-probe` and `finetune`. With `--prompt-at last` (the default offline) the prompts sit on the
+Methods (`clstream/methods.py`), all with the same budget, seed and data: `hide-prompt` (formerly `prefix`),
+`norga-tanh`, `norga-sigmoid`, `norga-gelu` (one prompt per task, task-identity inference), `smope` (shared
+sparse prompt experts), `l2p`, `dualprompt`, `coda-p`, `vq-prompt` (prompts chosen per sample from the frozen
+model's query), `linear-probe` and `finetune`. With `--prompt-at last` (the default offline) the prompts sit on the
 last blocks, so the frozen first blocks run once per image; `--prompt-at first` uses the paper's blocks.
 
 Paper protocols: `--dataset cifar100|imagenet-r|cub --data-root PATH --checkpoint PATH` (10 tasks, the authors'
@@ -35,7 +36,7 @@ import torch
 from clstream.backbone import default_model, load_backbone
 from clstream.config import make_config
 from clstream.context import build_context
-from clstream.methods import METHODS, run_method
+from clstream.methods import ALIASES, METHODS, run_method
 from clstream.report import format_table, plot_results, write_results
 from clstream.sources import SetupError
 from clstream.streams import DATASETS, build_stream
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [ALIASES.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()]
     plot = None if args.no_plot else (args.plot or args.out.with_suffix(".png"))
     if not methods or any(m not in METHODS for m in methods):
         error = f"--methods must be a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}"

@@ -1,13 +1,16 @@
 """The methods of the main job, each a plain loop over tasks and batches (frozen backbone; only prompts, gates
 and the head train, except `finetune`), all with the same epochs, batch size, seed and data:
 
-- `prefix`, `norga-tanh`, `norga-sigmoid`, `norga-gelu`: one prompt per task in a `norga.PrefixPool`
-  (HiDe-Prompt / NoRGa pipeline). Before task t the prompt of task t-1 is copied into slot t; past prompts are
+- `hide-prompt` (formerly `prefix`), `norga-tanh`, `norga-sigmoid`, `norga-gelu`: one prompt per task in a
+  `norga.PrefixPool` (HiDe-Prompt's prefix tuning / NoRGa pipeline). Before task t the prompt of task t-1 is copied into slot t; past prompts are
   frozen; NoRGa's alpha and tau train on the first task only. Test samples get their task from the
   task-identity head (`clstream.classifier`) and are classified with their own predicted task's prompt, among
   that task's classes.
 - `smope`: `norga.SMoPE` sparse prompt experts shared by every task (dense warm-up for half of the first task's
   epochs, adaptive noise, router and prototype losses, a counting pass after each task); no task id is needed.
+- `l2p`, `dualprompt`, `coda-p`, `vq-prompt`: the CODA-Prompt lineage's L2P++, DualPrompt, CODA-Prompt and
+  VQ-Prompt (`norga.prompts`), prompts chosen per sample from the query of the frozen model (its pre-trained
+  features, computed once per image), a fresh optimizer per task and each method's auxiliary loss; no task id.
 - `linear-probe`: a linear head on the frozen pre-trained features (the task-identity head itself).
 - `finetune`: sequential fine-tuning of the trainable blocks and the head.
 
@@ -41,9 +44,21 @@ from .classifier import lda_head, set_rows
 from .context import Context, features, freeze
 from .streams import task_indices
 
-METHODS = ("prefix", "norga-tanh", "norga-sigmoid", "norga-gelu", "smope", "linear-probe", "finetune")
+QUERY_METHODS = ("l2p", "dualprompt", "coda-p", "vq-prompt")
+METHODS = (
+    "hide-prompt",
+    "norga-tanh",
+    "norga-sigmoid",
+    "norga-gelu",
+    "smope",
+    *QUERY_METHODS,
+    "linear-probe",
+    "finetune",
+)
+#: Earlier names of methods, still accepted by `--methods`.
+ALIASES = {"prefix": "hide-prompt"}
 POOL_GATES: dict[str, str | None] = {
-    "prefix": None,
+    "hide-prompt": None,
     "norga-tanh": "tanh",
     "norga-sigmoid": "sigmoid",
     "norga-gelu": "gelu",
@@ -58,8 +73,8 @@ MethodResult = tuple[cl.AccuracyMatrix, float, int]
 # --------------------------------------------------------------------------------------------------
 def task_batches(
     ctx: Context, task: int, epochs: int, gen: torch.Generator, desc: str
-) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """`(epoch, inputs, labels)` over `epochs` shuffled passes through the training data of task `task`.
+) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """`(epoch, inputs, labels, indices)` over `epochs` shuffled passes through the training data of task `task`.
 
     `gen` draws the shuffles (and the flips of image inputs), so a run is reproducible from its seed; a tqdm
     bar counts the steps.
@@ -71,7 +86,7 @@ def task_batches(
         for epoch in range(epochs):
             order = idx[torch.randperm(idx.numel(), generator=gen)]
             for b in order.split(cfg.batch_size):
-                yield epoch, ctx.train_in.get(b, train=True, gen=gen), ctx.stream.train.labels[b]
+                yield epoch, ctx.train_in.get(b, train=True, gen=gen), ctx.stream.train.labels[b], b
                 bar.update()
 
 
@@ -111,16 +126,19 @@ def record_accuracy(acc: cl.AccuracyMatrix, t: int, pred: Tensor, labels: Tensor
 
 
 @torch.no_grad()
-def evaluate_seen(ctx: Context, t: int, model: VisionTransformer, head: nn.Linear, acc: cl.AccuracyMatrix) -> float:
+def evaluate_seen(
+    ctx: Context, t: int, model: VisionTransformer, head: nn.Linear, acc: cl.AccuracyMatrix, queried: bool = False
+) -> float:
     """Classifies the test samples of the classes seen so far among all of them; returns the accuracy of the
-    task of the predicted class (the task-identity accuracy of methods without task ids)."""
+    task of the predicted class (the task-identity accuracy of methods without task ids). `queried`: the model
+    has a `QueryPrompt` (its queries are the pre-trained features, see `query_features`)."""
     stream = ctx.stream
     seen = stream.seen_classes(t)
     test_idx = task_indices(stream.test.labels, seen)
     preds = []
     bar = tqdm(test_idx.split(ctx.cfg.eval_batch), desc="  eval", disable=not ctx.cfg.progress, leave=False)
     for b in bar:
-        logits = head(features(model, ctx.test_in.get(b, train=False), ctx.start))
+        logits = head(query_features(ctx, model, ctx.test_in.get(b, train=False), ctx.test_feats, b, queried))
         preds.append(cl.mask_unseen_logits(logits, seen).argmax(-1))
     pred = torch.cat(preds)
     true_task = record_accuracy(acc, t, pred, stream.test.labels[test_idx], ctx.task_of_class)
@@ -183,8 +201,8 @@ def run_pool(
         stats = cl.ClassStatistics()
         optimizer = torch.optim.Adam(params, lr=cfg.lr)
         pool.protect(optimizer)
-        desc = f"{'norga-' + gate if gate else 'prefix'} task {t}"
-        for epoch, x, y in task_batches(ctx, t, cfg.epochs, task_generator(ctx, t), desc):
+        desc = f"{'norga-' + gate if gate else 'hide-prompt'} task {t}"
+        for epoch, x, y, _ in task_batches(ctx, t, cfg.epochs, task_generator(ctx, t), desc):
             f = features(model, x, ctx.start)
             if epoch == cfg.epochs - 1:  # the last epoch's features give the task's class statistics
                 stats.update(f.detach().double(), y)
@@ -237,7 +255,7 @@ def run_smope(ctx: Context) -> MethodResult:
             model.train()
             optimizer = torch.optim.Adam(params, lr=cfg.smope_lr)
             desc = f"smope task {t}" + (" (dense)" if phase.dense else "")
-            for epoch, x, y in task_batches(ctx, t, phase.epochs, gen, desc):
+            for epoch, x, y, _ in task_batches(ctx, t, phase.epochs, gen, desc):
                 f = features(model, x, ctx.start)
                 if not phase.dense and epoch == phase.epochs - 1:
                     stats.update(f.detach().double(), y)
@@ -255,6 +273,66 @@ def run_smope(ctx: Context) -> MethodResult:
         set_rows(head, seen, *lda_head(stats, seen, cfg.lda_shrinkage))  # old classes: statistics of their time
         model.eval()
         tii = evaluate_seen(ctx, t, model, head, acc)
+    return acc, tii, count_params(params)
+
+
+def query_features(ctx: Context, model: nn.Module, x: Tensor, feats: Tensor, b: Tensor, queried: bool) -> Tensor:
+    """`features(model, x, ...)`; for a `QueryPrompt` model fed cached tokens, with `norga.use_query` of the
+    pre-trained features of samples `b` (the query of the authors' `ViTZoo.forward`, computed once per image in
+    `build_context`). Fed images, the model computes its query itself (of the flipped image in training)."""
+    if not queried or ctx.start == 0:
+        return features(model, x, ctx.start)
+    with norga.use_query(model, feats[b]):
+        return features(model, x, ctx.start)
+
+
+def query_prompt(name: str, num_tasks: int, dim: int, layers: Sequence[int]) -> norga.prompts.QueryPrompt:
+    """The method `name` with the authors' CIFAR-100 parameters (GT-RIPL/CODA-Prompt `experiments/cifar-100.sh`:
+    L2P++ [30, 20], DualPrompt [10, 20, 6] with a pool of at least the number of tasks, CODA-P [100, 8, 0.0];
+    VQ-Prompt's script: [10, 8, 1]) on the prompted blocks (DualPrompt: the G-prompt on the first two of five)."""
+    if name == "l2p":
+        return norga.prompts.L2P(num_tasks, dim, pool_size=30, length=20, top_k=5, layers=layers)
+    if name == "dualprompt":
+        g = max(1, 2 * len(layers) // 5)
+        return norga.prompts.DualPrompt(
+            num_tasks, dim, pool_size=max(10, num_tasks), e_length=20, g_length=6, g_layers=layers[:g],
+            e_layers=layers[g:],
+        )
+    if name == "coda-p":
+        return norga.prompts.CODAPrompt(num_tasks, dim, pool_size=100, length=8, ortho_mu=0.0, layers=layers)
+    return norga.prompts.VQPrompt(num_tasks, dim, pool_size=10, length=8, temperature=1.0, layers=layers)
+
+
+def run_query(ctx: Context, name: str) -> MethodResult:
+    """L2P++, DualPrompt, CODA-P or VQ-Prompt: prompts chosen per sample from its query, a fresh optimizer per task
+    (as the authors), the method's auxiliary loss (`norga.prompt_losses`); no task id at test time."""
+    cfg, stream = ctx.cfg, ctx.stream
+    model = copy.deepcopy(ctx.backbone)
+    layers = cfg.prompted_blocks(len(model.blocks), cfg.pool_layers)
+    prompt = query_prompt(name, stream.num_tasks, model.embed_dim, layers)
+    norga.patch_vit(model, prompt=prompt)
+    freeze(model)
+    prompt.requires_grad_(True)
+    head = nn.Linear(model.embed_dim, stream.num_classes)
+    params = [*prompt.parameters(), *head.parameters()]
+    acc = cl.AccuracyMatrix(stream.num_tasks)
+    tii = math.nan
+    stats = cl.ClassStatistics()
+    for t in range(stream.num_tasks):
+        classes = stream.splits[t]
+        norga.set_task(model, t)  # DualPrompt trains the task's E-prompt; CODA-P draws the task's components
+        model.train()
+        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        for epoch, x, y, b in task_batches(ctx, t, cfg.epochs, task_generator(ctx, t), f"{name} task {t}"):
+            f = query_features(ctx, model, x, ctx.train_feats, b, True)
+            if epoch == cfg.epochs - 1:
+                stats.update(f.detach().double(), y)
+            optimizer_step(optimizer, masked_ce(head(f), y, classes) + norga.prompt_losses(model), params, cfg.clip)
+        norga.end_task(model)
+        seen = stream.seen_classes(t)
+        set_rows(head, seen, *lda_head(stats, seen, cfg.lda_shrinkage))  # old classes: statistics of their time
+        model.eval()
+        tii = evaluate_seen(ctx, t, model, head, acc, queried=True)
     return acc, tii, count_params(params)
 
 
@@ -289,7 +367,7 @@ def run_finetune(ctx: Context) -> MethodResult:
         model.train()
         groups = [{"params": tuned, "lr": cfg.finetune_lr}, {"params": list(head.parameters()), "lr": cfg.lr}]
         optimizer = torch.optim.Adam(groups, lr=cfg.lr)
-        for epoch, x, y in task_batches(ctx, t, cfg.epochs, task_generator(ctx, t), f"finetune task {t}"):
+        for epoch, x, y, _ in task_batches(ctx, t, cfg.epochs, task_generator(ctx, t), f"finetune task {t}"):
             f = features(model, x, ctx.start)
             if epoch == cfg.epochs - 1:
                 stats.update(f.detach().double(), y)
@@ -309,6 +387,8 @@ def run_method(ctx: Context, name: str) -> dict[str, Any]:
         acc, tii, trainable = run_pool(ctx, POOL_GATES[name])
     elif name == "smope":
         acc, tii, trainable = run_smope(ctx)
+    elif name in QUERY_METHODS:
+        acc, tii, trainable = run_query(ctx, name)
     elif name == "linear-probe":
         acc, tii, trainable = run_linear_probe(ctx)
     elif name == "finetune":

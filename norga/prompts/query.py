@@ -184,24 +184,23 @@ class QueryPrompt(nn.Module):
         if self._querying:  # the query pass itself
             return None
         x = args[0]
-        if self._given is not None:
-            query = self._given
-            if not is_traced(x) and query.shape[0] != x.shape[0]:
-                fail(ValueError(f"use_query: {query.shape[0]} queries were given but the batch has {x.shape[0]}"))
-        else:
-            model = self._model[0]
-            self._querying = True
-            try:
-                with torch.no_grad():
-                    query = model.forward_head(model.forward_features(x), pre_logits=True)
-            finally:
-                self._querying = False
+        if self._given is not None:  # use_query: the layers read it, no query pass
+            if not is_traced(x) and self._given.shape[0] != x.shape[0]:
+                fail(ValueError(f"use_query: {self._given.shape[0]} queries were given but the batch has {x.shape[0]}"))
+            return None
+        model = self._model[0]
+        self._querying = True
+        try:
+            with torch.no_grad():
+                query = model.forward_head(model.forward_features(x), pre_logits=True)
+        finally:
+            self._querying = False
         self._query = query.detach()
         return None
 
     def query(self, batch: int) -> torch.Tensor:
-        """The query `(B, key_dim)` of the forward under way, in the parameters' dtype."""
-        query = self._query
+        """The query `(B, key_dim)` of the forward under way (or given by `use_query`), in the parameters' dtype."""
+        query = self._given if self._given is not None else self._query
         if query is None:
             fail(
                 RuntimeError(

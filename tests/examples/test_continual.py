@@ -121,7 +121,8 @@ def test_paper_protocol_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     ckpt = tmp_path / "tiny.pth"
     torch.save({"model": model.state_dict()}, ckpt)
     out = tmp_path / "res" / "results.json"
-    methods = ["prefix", "norga-sigmoid", "smope", "linear-probe", "finetune"]
+    methods = ["prefix", "norga-sigmoid", "smope", "dualprompt", "linear-probe", "finetune"]
+    names = ["hide-prompt", *methods[1:]]  # "prefix": hide-prompt's earlier name
     try:
         import matplotlib  # noqa: F401
 
@@ -157,7 +158,7 @@ def test_paper_protocol_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["num_classes"] == 20
-    assert list(res["methods"]) == methods
+    assert list(res["methods"]) == names
     for r in res["methods"].values():
         assert set(r) >= {"FA", "CA", "FM", "acc_matrix", "task_id_acc", "seconds", "trainable_params"}
         acc = r["acc_matrix"]
@@ -165,9 +166,9 @@ def test_paper_protocol_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
         # float64 on both sides: a sum and a division, a difference (and a mean of one): 2 roundings each
         assert r["FA"] == pytest.approx((acc[1][0] + acc[1][1]) / 2, rel=2 * gamma(torch.float64, 2), abs=0)
         assert r["FM"] == pytest.approx(acc[0][0] - acc[1][0], rel=2 * gamma(torch.float64, 2), abs=0)
-    assert res["methods"]["finetune"]["trainable_params"] > res["methods"]["prefix"]["trainable_params"]
+    assert res["methods"]["finetune"]["trainable_params"] > res["methods"]["hide-prompt"]["trainable_params"]
     assert out.with_suffix(".png").is_file() or plot
-    assert "prefix" in capsys.readouterr().out
+    assert "hide-prompt" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,8 +359,8 @@ def test_missing_data_source_exits_cleanly(
 
 
 def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert continual.main(["--methods", "prefix,l2p", "--no-plot"]) == 2
-    assert "l2p" in capsys.readouterr().err
+    assert continual.main(["--methods", "prefix,l2pp", "--no-plot"]) == 2
+    assert "l2pp" in capsys.readouterr().err
     assert continual.main(["--dataset", "cub", "--no-plot"]) == 2
     assert "--data-root" in capsys.readouterr().err
     _fake_cifar(tmp_path)
