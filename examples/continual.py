@@ -63,6 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--smope-lr", type=float, help="learning rate of the smope method (experts and head)")
+    p.add_argument("--query-lr", type=float, help="learning rate of l2p, dualprompt, coda-p, vq-prompt")
     p.add_argument("--img-size", type=int)
     p.add_argument("--train-per-class", type=int)
     p.add_argument("--test-per-class", type=int)
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         smope_lr=args.smope_lr,
+        query_lr=args.query_lr,
         img_size=args.img_size,
         prompt_at=args.prompt_at,
         train_per_class=args.train_per_class,

@@ -472,6 +472,28 @@ def setup_authors_checkpoint(page: Page) -> dict[str, Any]:
     return {}
 
 
+CODA_FILE = "outputs/cifar-100/10-task/coda-p/models/repeat-1/task-3/class.pth"
+
+
+@setup
+def setup_coda_checkpoint(page: Page) -> dict[str, Any]:
+    """``CODA_FILE``: a CODA-Prompt checkpoint as their learner saves it (``torch.save`` of ``ViTZoo.state_dict()``
+    on the CPU): 100 components of length 8 on blocks 0-4 (``prompt.e_p_l``, ``e_k_l``, ``e_a_l``), some backbone
+    tensors under ``feat.`` and a 100-class head ``last``."""
+    backbone = _vit().state_dict()
+    state = {f"feat.{k}": backbone[k] for k in ("cls_token", "pos_embed", "blocks.0.norm1.weight")}
+    for layer in range(5):
+        state[f"prompt.e_p_{layer}"] = torch.randn(100, 8, 768) * 0.05
+        state[f"prompt.e_k_{layer}"] = torch.randn(100, 768) * 0.05
+        state[f"prompt.e_a_{layer}"] = torch.randn(100, 768) * 0.05
+    state["last.weight"] = torch.randn(100, 768) * 0.02
+    state["last.bias"] = torch.zeros(100)
+    path = page.cwd / CODA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return {}
+
+
 @setup
 def setup_process_group(page: Page) -> dict[str, Any]:
     """A real one-process gloo group (``world_size`` = 1) for the DDP / FSDP2 blocks, destroyed with the page."""

@@ -26,6 +26,9 @@ class Config:
     # SMoPE's experts are shared by every task: at the pool methods' lr 0.01 they drift so far over 8 tasks that
     # earlier classes collapse; at 1e-3 (experts and head) they keep them (docs/results.md).
     smope_lr: float = 1e-3
+    # the CODA-Prompt codebase trains L2P++, DualPrompt, CODA-P (and the SMoPE repository VQ-Prompt) with Adam
+    # at lr 1e-3 (configs/cifar-100_prompt.yaml); their keys and components are shared by every task
+    query_lr: float = 1e-3
     router_mu: float = 1e-5  # the SMoPE authors' CIFAR-100 script: 1e-5 for both losses
     proto_mu: float = 1e-5
     prompt_at: str = "last"  # "last": cache the frozen first blocks; "first": paper placement, no cache
@@ -55,6 +58,7 @@ def make_config(
     batch_size: int | None = None,
     lr: float | None = None,
     smope_lr: float | None = None,
+    query_lr: float | None = None,
     img_size: int | None = None,
     prompt_at: str | None = None,
     train_per_class: int | None = None,
@@ -87,7 +91,13 @@ def make_config(
         )
         data = {}
     overrides = dict(
-        epochs=epochs, batch_size=batch_size, lr=lr, smope_lr=smope_lr, img_size=img_size, prompt_at=prompt_at
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        smope_lr=smope_lr,
+        query_lr=query_lr,
+        img_size=img_size,
+        prompt_at=prompt_at,
     )
     preset.update({key: value for key, value in overrides.items() if value is not None})
     data_overrides = dict(train_per_class=train_per_class, test_per_class=test_per_class)

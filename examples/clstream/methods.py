@@ -295,7 +295,12 @@ def query_prompt(name: str, num_tasks: int, dim: int, layers: Sequence[int]) -> 
     if name == "dualprompt":
         g = max(1, 2 * len(layers) // 5)
         return norga.prompts.DualPrompt(
-            num_tasks, dim, pool_size=max(10, num_tasks), e_length=20, g_length=6, g_layers=layers[:g],
+            num_tasks,
+            dim,
+            pool_size=max(10, num_tasks),
+            e_length=20,
+            g_length=6,
+            g_layers=layers[:g],
             e_layers=layers[g:],
         )
     if name == "coda-p":
@@ -322,7 +327,7 @@ def run_query(ctx: Context, name: str) -> MethodResult:
         classes = stream.splits[t]
         norga.set_task(model, t)  # DualPrompt trains the task's E-prompt; CODA-P draws the task's components
         model.train()
-        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        optimizer = torch.optim.Adam(params, lr=cfg.query_lr)
         for epoch, x, y, b in task_batches(ctx, t, cfg.epochs, task_generator(ctx, t), f"{name} task {t}"):
             f = query_features(ctx, model, x, ctx.train_feats, b, True)
             if epoch == cfg.epochs - 1:
