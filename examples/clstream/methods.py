@@ -1,11 +1,12 @@
 """The methods of the main job, each a plain loop over tasks and batches (frozen backbone; only prompts, gates
-and the head train, except `finetune`), all with the same epochs, batch size, seed and data (the learning rates are the authors'):
+and the head train, except `finetune`), all with the same epochs, batch size, seed and data (the learning
+rates are the authors'):
 
 - `hide-prompt` (formerly `prefix`), `norga-tanh`, `norga-sigmoid`, `norga-gelu`: one prompt per task in a
   `norga.PrefixPool` (HiDe-Prompt's prefix tuning / NoRGa pipeline). Before task t the prompt of task t-1 is
-  copied into slot t; past prompts are frozen; NoRGa's alpha and tau train on the first task only. Test samples get their task from the
-  task-identity head (`clstream.classifier`) and are classified with their own predicted task's prompt, among
-  that task's classes.
+  copied into slot t; past prompts are frozen; NoRGa's alpha and tau train on the first task only. Test
+  samples get their task from the task-identity head (`clstream.classifier`) and are classified with their own
+  predicted task's prompt, among that task's classes.
 - `smope`: `norga.SMoPE` sparse prompt experts shared by every task (dense warm-up for half of the first task's
   epochs, adaptive noise, router and prototype losses, a counting pass after each task); no task id is needed.
 - `l2p`, `dualprompt`, `coda-p`, `vq-prompt`: the CODA-Prompt lineage's L2P++, DualPrompt, CODA-Prompt and
