@@ -85,28 +85,34 @@ def _params(model) -> dict[str, torch.Tensor]:
     }
 
 
-def _scenario_ddp_pool(rank: int, outdir: str) -> dict:
-    import torch.nn.functional as F
+def _ddp_steps(model, rank: int, loss_fn) -> dict:
+    """DDP (no find_unused_parameters) over `model`: the local and the synced gradients of the first batch, then
+    `STEPS` SGD steps; `loss_fn(ddp, x, y)` is the loss."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = _pool_model()
-    ddp = DDP(model)  # no find_unused_parameters
+    ddp = DDP(model)
     start = _params(model)
     x, y = _data(rank, 0)
     with ddp.no_sync():  # local gradients, no all-reduce
-        F.cross_entropy(ddp(x), y).backward()
+        loss_fn(ddp, x, y).backward()
     local = _norga_grads(model)
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(ddp(x), y).backward()
+    loss_fn(ddp, x, y).backward()
     synced = _norga_grads(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     opt.step()
     for step in range(1, STEPS):
         opt.zero_grad(set_to_none=True)
         x, y = _data(rank, step)
-        F.cross_entropy(ddp(x), y).backward()
+        loss_fn(ddp, x, y).backward()
         opt.step()
     return {"local": local, "synced": synced, "start": start, "final": _params(model)}
+
+
+def _scenario_ddp_pool(rank: int, outdir: str) -> dict:
+    import torch.nn.functional as F
+
+    return _ddp_steps(_pool_model(), rank, lambda ddp, x, y: F.cross_entropy(ddp(x), y))
 
 
 def _scenario_ddp_smope(rank: int, outdir: str) -> dict:
@@ -286,7 +292,6 @@ def _scenario_ddp_coda(rank: int, outdir: str) -> dict:
     """DDP over a CODA-Prompt model in its second task: the query pass inside each forward, earlier components
     detached, later ones unused, the orthogonality penalty in the loss; no find_unused_parameters."""
     import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     import norga
 
@@ -296,23 +301,8 @@ def _scenario_ddp_coda(rank: int, outdir: str) -> dict:
     norga.set_task(model, 1)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(("prompt_pool", "head")))
-    ddp = DDP(model)
     model.train()
-    x, y = _data(rank, 0)
-    with ddp.no_sync():
-        (F.cross_entropy(ddp(x), y) + norga.prompt_losses(model)).backward()
-    local = _norga_grads(model)
-    model.zero_grad(set_to_none=True)
-    (F.cross_entropy(ddp(x), y) + norga.prompt_losses(model)).backward()
-    synced = _norga_grads(model)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    opt.step()
-    for step in range(1, STEPS):
-        opt.zero_grad(set_to_none=True)
-        x, y = _data(rank, step)
-        (F.cross_entropy(ddp(x), y) + norga.prompt_losses(model)).backward()
-        opt.step()
-    return {"local": local, "synced": synced, "final": _params(model)}
+    return _ddp_steps(model, rank, lambda ddp, x, y: F.cross_entropy(ddp(x), y) + norga.prompt_losses(model))
 
 
 SCENARIOS = {

@@ -99,9 +99,10 @@ class CODAPrompt(QueryPrompt):
         self.prompts = nn.Parameter(torch.empty(n, pool_size, length, dim))
         self.keys = nn.Parameter(torch.empty(n, pool_size, self.key_dim))
         self.attention = nn.Parameter(torch.empty(n, pool_size, self.key_dim))
-        for i in range(n):  # the authors' order: U[0, 1) fills, then Gram-Schmidt of P, K, A
-            uniform_(self.prompts[i], self.keys[i], self.attention[i])
-            for t in (self.prompts[i], self.keys[i], self.attention[i]):
+        for i in range(n):  # the authors' order: per layer, U[0, 1) fills of P, K, A, then their Gram-Schmidt
+            group = (self.prompts[i], self.keys[i], self.attention[i])
+            uniform_(*group)
+            for t in group:
                 gram_schmidt_(t, 0, self.per_task)
         self.started = 1
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int
-from .query import QueryPrompt, check_even, check_layers, cosine, split_prompt, uniform_
+from .query import QueryPrompt, check_even, check_layers, cosine, keyed_prompts, split_prompt, uniform_
 
 __all__ = ["DualPrompt"]
 
@@ -61,11 +61,8 @@ class DualPrompt(QueryPrompt):
         self.e_length = check_even("e_length", e_length)
         self.g_length = check_even("g_length", g_length)
         self.g_prompts = nn.Parameter(torch.empty(len(g), g_length, dim))
-        self.e_prompts = nn.Parameter(torch.empty(len(e), pool_size, e_length, dim))
-        self.e_keys = nn.Parameter(torch.empty(len(e), pool_size, self.key_dim))
         uniform_(*self.g_prompts)  # the authors' order: the G-prompts, then each E-layer's prompts and keys
-        for i in range(len(e)):
-            uniform_(self.e_prompts[i], self.e_keys[i])
+        self.e_prompts, self.e_keys = keyed_prompts(len(e), pool_size, e_length, dim, self.key_dim)
 
     def check_task(self, task: object) -> int:
         """A task id, which in training selects the E-prompt: also `< pool_size`."""

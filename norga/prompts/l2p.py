@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from .._checks import check_int
-from .query import QueryPrompt, check_even, cosine, split_prompt, uniform_
+from .query import QueryPrompt, check_even, cosine, keyed_prompts, split_prompt
 
 __all__ = ["L2P", "L2P_DEEP_LAYERS", "PULL_LOSSES"]
 
@@ -77,11 +76,7 @@ class L2P(QueryPrompt):
         if pull not in PULL_LOSSES:
             raise ValueError(f"pull must be one of {PULL_LOSSES}, got {pull!r}")
         self.pull = pull
-        n = len(self.layers)
-        self.prompts = nn.Parameter(torch.empty(n, pool_size, length, dim))
-        self.keys = nn.Parameter(torch.empty(n, pool_size, self.key_dim))
-        for i in range(n):  # the authors' order: each layer's prompts, then its keys
-            uniform_(self.prompts[i], self.keys[i])
+        self.prompts, self.keys = keyed_prompts(len(self.layers), pool_size, length, dim, self.key_dim)
 
     def layer_prefix(self, slot: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The `top_k` prompts of each sample, their halves concatenated: `(B, top_k * length / 2, dim)` each."""

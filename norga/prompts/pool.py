@@ -17,8 +17,7 @@ from torch import nn
 
 from .._checks import check_int, check_real, fail, refuse_torchscript
 from ..functional import Prefix, prefix_heads
-from ..layers import attention_width
-from .prefix import init_prompt_
+from .prefix import check_widths, init_prompt_
 
 __all__ = ["POOL_NAME", "PoolPrompt", "PrefixPool", "TaskSpec"]
 
@@ -104,12 +103,7 @@ class PrefixPool(nn.Module):
                 f"the PrefixPool has num_layers={self.num_layers} but {len(layers)} layers are patched "
                 f"({[layer.index for layer in layers]})"
             )
-        for layer in layers:
-            if attention_width(layer.module) != self.dim:
-                raise ValueError(
-                    f"the PrefixPool has dim={self.dim} but layer {layer.index} ({layer.name}) has width "
-                    f"{attention_width(layer.module)}"
-                )
+        check_widths("PrefixPool", self.dim, layers)
         owner = _OWNERS.get(self)
         if owner is not None and getattr(owner(), POOL_NAME, None) is self:
             raise ValueError(

@@ -9,8 +9,23 @@ from torch import nn
 
 from .._checks import check_int, refuse_torchscript
 from ..functional import Prefix, prefix_heads
+from ..layers import attention_width
 
-__all__ = ["PrefixPrompt", "init_prompt_"]
+__all__ = ["PrefixPrompt", "check_widths", "init_prompt_"]
+
+
+def check_widths(kind: str, dim: int, layers: Any) -> None:
+    """Each of the `AttentionLayer`s `patch_vit` is about to patch has width `dim`; `kind` names the prompt.
+
+    Raises:
+        ValueError: a layer of another width.
+    """
+    for layer in layers:
+        if attention_width(layer.module) != dim:
+            raise ValueError(
+                f"the {kind} has dim={dim} but layer {layer.index} ({layer.name}) has width "
+                f"{attention_width(layer.module)}"
+            )
 
 
 def init_prompt_(t: torch.Tensor, init: str) -> None:

@@ -29,10 +29,10 @@ from torch import nn
 
 from .._checks import check_int, fail, refuse_torchscript
 from ..functional import Prefix, is_traced, prefix_heads
-from ..layers import attention_width
 from .pool import POOL_NAME
+from .prefix import check_widths
 
-__all__ = ["QueryLayerPrompt", "QueryPrompt", "check_layers", "cosine", "split_prompt", "uniform_"]
+__all__ = ["QueryLayerPrompt", "QueryPrompt", "check_layers", "cosine", "keyed_prompts", "split_prompt", "uniform_"]
 
 
 def uniform_(*tensors: torch.Tensor) -> None:
@@ -40,6 +40,18 @@ def uniform_(*tensors: torch.Tensor) -> None:
     with torch.no_grad():
         for t in tensors:
             t.uniform_()
+
+
+def keyed_prompts(
+    layers: int, pool: int, length: int, dim: int, key_dim: int, vectors: int = 1
+) -> tuple[nn.Parameter, ...]:
+    """`(prompts, keys[, more key-width vectors])` for `layers` layers: prompts `(layers, pool, length, dim)` and
+    `vectors` tensors `(layers, pool, key_dim)`, filled U[0, 1) in the authors' order: each layer's prompts, then
+    its key-width vectors."""
+    out = (torch.empty(layers, pool, length, dim), *(torch.empty(layers, pool, key_dim) for _ in range(vectors)))
+    for i in range(layers):
+        uniform_(*(t[i] for t in out))
+    return tuple(nn.Parameter(t) for t in out)
 
 
 def cosine(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -133,12 +145,7 @@ class QueryPrompt(nn.Module):
                 f"{name} prompts layers {list(self.layers)} but patch_vit would patch {list(chosen)}; pass "
                 f"layers=None (or give the {name} the layers you want)"
             )
-        for layer in layers:
-            if attention_width(layer.module) != self.dim:
-                raise ValueError(
-                    f"the {name} has dim={self.dim} but layer {layer.index} ({layer.name}) has width "
-                    f"{attention_width(layer.module)}"
-                )
+        check_widths(name, self.dim, layers)
         for attr in ("patch_embed", "forward_features", "forward_head"):
             if getattr(model, attr, None) is None:
                 raise ValueError(

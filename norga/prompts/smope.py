@@ -49,12 +49,19 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else p
 
 
-def _check_routing(num_experts: int, top_k: int, noise_eps: float) -> None:
+def _check_routing(
+    num_experts: int, top_k: int, noise_eps: float, router_weight: float, prototype_weight: float
+) -> tuple[float, float]:
+    """The routing options checked; returns the loss weights as floats."""
     check_int("num_experts", num_experts, 1)
     check_int("top_k", top_k, 1)
     if top_k > num_experts:
         raise ValueError(f"top_k must be <= num_experts, got top_k={top_k} and num_experts={num_experts}")
     check_real("noise_eps", noise_eps, minimum=0.0)
+    return (
+        check_real("router_weight", router_weight, minimum=0.0),
+        check_real("prototype_weight", prototype_weight, minimum=0.0),
+    )
 
 
 class SMoPE(nn.Module):
@@ -109,7 +116,7 @@ class SMoPE(nn.Module):
         check_int("num_heads", num_heads, 1)
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads, got dim={dim} and num_heads={num_heads}")
-        _check_routing(num_experts, top_k, noise_eps)
+        weights = _check_routing(num_experts, top_k, noise_eps, router_weight, prototype_weight)
         head_dim = dim // num_heads
         if num_heads * num_experts * head_dim > _MAX_EXPERT_ELEMENTS:
             gib = num_heads * num_experts * head_dim * 4 / 2**30
@@ -128,8 +135,7 @@ class SMoPE(nn.Module):
         self.noise_eps = float(noise_eps)
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.gate = resolve_gate(gate)
-        self.router_weight = check_real("router_weight", router_weight, minimum=0.0)
-        self.prototype_weight = check_real("prototype_weight", prototype_weight, minimum=0.0)
+        self.router_weight, self.prototype_weight = weights
         self.dense = False
         self.counting = False
         self.keys = nn.Parameter(torch.rand(num_heads, num_experts, head_dim))
@@ -359,15 +365,14 @@ class SMoPEFactory:
         router_weight: float = 1e-5,
         prototype_weight: float = 1e-5,
     ) -> None:
-        _check_routing(num_experts, top_k, noise_eps)
+        weights = _check_routing(num_experts, top_k, noise_eps, router_weight, prototype_weight)
         if gate is not None and not isinstance(gate, (str, nn.Module)):
             raise TypeError(f"gate must be None, an activation name or an nn.Module, got {type(gate).__name__}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.noise_eps = noise_eps
         self.gate = gate
-        self.router_weight = check_real("router_weight", router_weight, minimum=0.0)
-        self.prototype_weight = check_real("prototype_weight", prototype_weight, minimum=0.0)
+        self.router_weight, self.prototype_weight = weights
 
     def __call__(self, layer_index: int, attn: nn.Module) -> SMoPE:
         gate = copy.deepcopy(self.gate) if isinstance(self.gate, nn.Module) else self.gate  # own alpha, tau per layer

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .._checks import check_int, check_real
-from .query import QueryPrompt, check_even, split_prompt, uniform_
+from .query import QueryPrompt, check_even, keyed_prompts, split_prompt
 
 __all__ = ["VQPrompt"]
 
@@ -59,11 +58,7 @@ class VQPrompt(QueryPrompt):
         self.temperature = check_real("temperature", temperature, positive=True)
         self.vq_coef = check_real("vq_coef", vq_coef, minimum=0.0)
         self.commit_coef = check_real("commit_coef", commit_coef, minimum=0.0)
-        n = len(self.layers)
-        self.prompts = nn.Parameter(torch.empty(n, pool_size, length, dim))
-        self.keys = nn.Parameter(torch.empty(n, pool_size, self.key_dim))
-        for i in range(n):  # the authors' order: each layer's prompts, then its keys
-            uniform_(self.prompts[i], self.keys[i])
+        self.prompts, self.keys = keyed_prompts(len(self.layers), pool_size, length, dim, self.key_dim)
 
     def layer_prefix(self, slot: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The quantised prompt of each sample, split: `(B, length / 2, dim)` each."""
