@@ -350,7 +350,7 @@ def test_end_task_errors_change_nothing() -> None:
     with pytest.raises(ValueError, match="task 2 is frozen"):
         pool.end_task(2)
     assert torch.equal(pool.prompts, before)
-    with pytest.raises(ValueError, match="no norga.SMoPE layer and no norga.PrefixPool"):
+    with pytest.raises(ValueError, match="no norga.SMoPE layer, PrefixPool or QueryPrompt"):
         norga.end_task(torch.nn.Linear(2, 2))
 
 
