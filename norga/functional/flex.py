@@ -2,9 +2,10 @@
 
 One fused kernel compiled by inductor (Triton on CUDA, C++ on CPU): the scores are never materialised, and
 `logits` and the token bias are read inside the kernel by index. The gate is called inside the `score_mod` on
-scalar scores, so it must be traceable by `torch.compile` (a `NoRGaGate` is). Opt-in. PyTorch has no
-FlexAttention backward on CPU, so there it runs without autograd only. The first call per shape and gate
-compiles (seconds). No dropout.
+scalar scores, so it must be traceable by `torch.compile` (a `NoRGaGate` is). Opt-in. On CUDA it trains: the
+gradients of the gate's parameters, the logits and the token bias (captured tensors of the `score_mod`) come from
+FlexAttention's backward. PyTorch has no compiled FlexAttention backward on CPU, so there it runs without autograd
+only. The first call per shape and gate compiles (seconds). No dropout.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from .prefix import Gate
 
-__all__ = ["flex_attention", "flex_available"]
+__all__ = ["flex_attention", "flex_available", "flex_call", "score_mod"]
 
 
 def flex_available(device: torch.device) -> bool:
@@ -52,13 +53,11 @@ def flex_attention(
     bias: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """FlexAttention over `[pk; k]`, `[pv; v]`; `gate(prefix score)` on the first `L` columns.
+    """FlexAttention over `[pk; k]`, `[pv; v]`; `gate(prefix score)` on the first `L` columns (compiled).
 
     Raises:
         ValueError: a gradient is needed on CPU, where PyTorch has no FlexAttention backward.
     """
-    b, h, _, _ = q.shape
-    length = pk.shape[-2]
     if q.device.type == "cpu" and torch.is_grad_enabled():
         needs = [t for t in (q, k, v, pk, pv, logits, bias) if t is not None and t.requires_grad]
         if needs or (isinstance(gate, torch.nn.Module) and any(p.requires_grad for p in gate.parameters())):
@@ -66,16 +65,60 @@ def flex_attention(
                 "backend 'flex' has no backward on CPU (a PyTorch limitation); use 'merge' or 'auto' when "
                 "training on CPU, or run under torch.no_grad()"
             )
-    keys = torch.cat([pk.to(k.dtype).expand(b, h, -1, -1), k], dim=-2)
-    values = torch.cat([pv.to(v.dtype).expand(b, h, -1, -1), v], dim=-2)
+    return flex_call(_compiled(), q, k, v, pk, pv, gate, logits, bias, scale)
+
+
+def score_mod(
+    gate: Gate, logits: torch.Tensor | None, bias: torch.Tensor | None, length: int
+) -> Callable[[torch.Tensor, Any, Any, Any, Any], torch.Tensor]:
+    """The `score_mod` of `flex` over `[prefix; tokens]` columns: on the first `length` columns the gate of the score
+    (or of `logits` `(B|1, H|1, N|1, L)` read by index), on the others the score plus the token bias
+    `(B|1, H|1, N, M)` read by index. Its captured tensors (`logits`, `bias`, the gate's parameters) get gradients
+    through FlexAttention's backward."""
 
     def at(t: torch.Tensor, bi: Any, hi: Any, qi: Any, ki: Any) -> torch.Tensor:  # index a (B|1, H|1, N|1, X)
         return t[bi if t.shape[0] > 1 else 0, hi if t.shape[1] > 1 else 0, qi if t.shape[2] > 1 else 0, ki]
 
-    def score_mod(score: torch.Tensor, bi: Any, hi: Any, qi: Any, ki: Any) -> torch.Tensor:
+    def mod(score: torch.Tensor, bi: Any, hi: Any, qi: Any, ki: Any) -> torch.Tensor:
         pre = score if logits is None else at(logits, bi, hi, qi, ki.clamp(max=length - 1)).to(score.dtype)
         tok = score if bias is None else score + at(bias, bi, hi, qi, (ki - length).clamp(min=0)).to(score.dtype)
         return torch.where(ki < length, pre if gate is None else gate(pre), tok)
 
-    out = _compiled()(q, keys, values, score_mod=score_mod, scale=scale)
+    return mod
+
+
+def flex_call(
+    attend: Callable[..., torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    gate: Gate,
+    logits: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """`attend(q, [pk; k], [pv; v], score_mod=..., scale=scale)` in the dtype of `v`: `flex` with a given
+    FlexAttention callable (the compiled one; tests also give the uncompiled reference implementation).
+
+    Args:
+        attend: `torch.nn.attention.flex_attention.flex_attention`, compiled or not.
+        q: Queries `(B, H, N, D)`.
+        k: Token keys `(B, H, M, D)`.
+        v: Token values `(B, H, M, D)`.
+        pk: Prefix keys `(B|1, H, L, D)`.
+        pv: Prefix values `(B|1, H, L, D)`.
+        gate: The gate, called on scalar prefix scores inside the kernel, or `None`.
+        logits: Prefix scores `(B|1, H, N|1, L)` replacing `scale * q . pk`, or `None`.
+        bias: Token bias broadcastable to `(B, H, N, M)` with 4 dimensions, or `None`.
+        scale: Score scale.
+
+    Returns:
+        `(B, H, N, D)` in the dtype of `v`.
+    """
+    b, h, _, _ = q.shape
+    keys = torch.cat([pk.to(k.dtype).expand(b, h, -1, -1), k], dim=-2)
+    values = torch.cat([pv.to(v.dtype).expand(b, h, -1, -1), v], dim=-2)
+    out = attend(q, keys, values, score_mod=score_mod(gate, logits, bias, pk.shape[-2]), scale=scale)
     return out.to(v.dtype)
