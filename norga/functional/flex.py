@@ -65,6 +65,8 @@ def flex_attention(
                 "backend 'flex' has no backward on CPU (a PyTorch limitation); use 'merge' or 'auto' when "
                 "training on CPU, or run under torch.no_grad()"
             )
+    if q.device.type == "cpu" and not torch.is_grad_enabled():  # PyTorch refuses leaves that require grad on CPU
+        q, k, v = q.detach(), k.detach(), v.detach()
     return flex_call(_compiled(), q, k, v, pk, pv, gate, logits, bias, scale)
 
 
