@@ -122,9 +122,18 @@ def merge_backward(
     token gradients, the prefix block's explicitly.
 
     Args:
-        kernel, q, k, v, bias, pv, scale: As given to [`merge_forward`][norga.functional.merge.merge_forward].
+        kernel: The token kernel given to [`merge_forward`][norga.functional.merge.merge_forward].
         grad_out: Gradient of `out`, `(B, H, N, D)`.
-        weights, out, lse, saved: What `merge_forward` returned.
+        q: Queries `(B, H, N, D)`.
+        k: Token keys `(B, H, M, D)`.
+        v: Token values `(B, H, M, D)`.
+        bias: Token bias `(B or 1, H or 1, N, M)` in the dtype of `q`, or `None`.
+        weights: `merge_forward`'s weights `(B, H, N, L + 1)`.
+        pv: Prefix values `(B, H, L, D)`.
+        out: `merge_forward`'s output `(B, H, N, D)`.
+        lse: `merge_forward`'s merged log-sum-exp `(B, H, N)`.
+        saved: What `merge_forward` returned for the kernel's backward.
+        scale: Score scale.
         needs: Which of `(q, k, v, bias, g, pv)` need a gradient (`ctx.needs_input_grad`).
 
     Returns:

@@ -91,9 +91,15 @@ def error_bounds(
     """Elementwise bounds on a float32 evaluation's errors (module docstring), for inputs exact in their dtype.
 
     Args:
-        q, k, v, pk, pv, bias, scale: As for [`reference`][norga.info.bounds.reference] (exact values).
+        q: Queries `(B, H, N, D)` (exact values, as for [`reference`][norga.info.bounds.reference]).
+        k: Token keys `(B, H, M, D)`.
+        v: Token values `(B, H, M, D)`.
+        pk: Prefix keys `(B, H, L, D)`.
+        pv: Prefix values `(B, H, L, D)`.
         alpha: The gate's `alpha`.
         tau: The gate's `tau`.
+        bias: Token bias `(1, H, N, M)` or `None`.
+        scale: Score scale.
         d_out: The upstream gradient `(B, H, N, D)`, exact in the input dtype.
         io_unit: Unit roundoff of the input dtype when lower than float32's, else 0.
         tf32: Whether float32 matrix products may round their operands to TF32 (CUDA).
