@@ -220,7 +220,17 @@ def cpu_stand_in(name, kw):
     if name == FLASH:
         o, lse = cpu(q, k, v, 0.0, False, scale=scale)
         rng, unused = torch.zeros(2, dtype=torch.uint64), torch.zeros((), dtype=torch.uint64)
-        return (_like(meta[0], o), _like(meta[1], lse), None, None, n, k.shape[2], rng, unused, torch.empty(0, dtype=q.dtype))
+        return (
+            _like(meta[0], o),
+            _like(meta[1], lse),
+            None,
+            None,
+            n,
+            k.shape[2],
+            rng,
+            unused,
+            torch.empty(0, dtype=q.dtype),
+        )
     if name == EFFICIENT:
         bias = kw["attn_bias"]
         o, lse = cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)

@@ -65,7 +65,14 @@ def test_self_check_reference_is_the_equations():
     alpha, tau = torch.tensor(0.8, dtype=torch.float64), torch.tensor(1.3, dtype=torch.float64)
     got = reference(q, k, v, pk, pv, alpha, tau, bias, 8**-0.5)
     want = ref.prefix_attention(
-        q, k, v, pk, pv, scale=8**-0.5, gate=lambda s: ref.norga_gate(s, "tanh", 0.8, 1.3), bias=bias.expand(2, -1, -1, -1)
+        q,
+        k,
+        v,
+        pk,
+        pv,
+        scale=8**-0.5,
+        gate=lambda s: ref.norga_gate(s, "tanh", 0.8, 1.3),
+        bias=bias.expand(2, -1, -1, -1),
     )
     # two float64 evaluations of the same equations, each within tolerance.attention_tol in float64
     args = {"act": "tanh", "alpha": 0.8, "tau": 1.3, "bias": bias.expand(2, -1, -1, -1), "dtype": torch.float64}

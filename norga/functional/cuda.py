@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .kernels import masked_rows
+from .kernels import Grads, Saved, TokenInputs, masked_rows
 
 __all__ = ["CUDA_EFFICIENT", "CUDA_FLASH", "cuda_kernel", "cuda_kernels_available", "efficient_bias", "padded_lse"]
 
@@ -90,34 +91,20 @@ class _CudaFlash:
 
     name = "cuda_flash"
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        assert bias is None, "the flash kernel takes no bias"
+    def forward(self, x: TokenInputs) -> tuple[Tensor, Tensor, Saved]:
+        assert x.bias is None, "the flash kernel takes no bias"
         out, lse, _, _, _, _, rng_state, unused, _ = _aten("_scaled_dot_product_flash_attention")(
-            query=q, key=k, value=v, dropout_p=0.0, is_causal=False, return_debug_mask=False, scale=scale
+            query=x.q, key=x.k, value=x.v, dropout_p=0.0, is_causal=False, return_debug_mask=False, scale=x.scale
         )
         return out, lse, (rng_state, unused)
 
-    def backward(
-        self,
-        grad_out: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        saved: tuple[torch.Tensor, ...],
-        scale: float,
-        bias_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def backward(self, x: TokenInputs, grad: Tensor, out: Tensor, lse: Tensor, saved: Saved, bias_grad: bool) -> Grads:
         rng_state, unused = saved
         # cum_seq_q/k: the undefined tensors the dense forward returns (a defined one selects the varlen kernel)
         dq, dk, dv = _aten("_scaled_dot_product_flash_attention_backward")(
-            grad_out=grad_out, query=q, key=k, value=v, out=_bnhd(out), logsumexp=lse.contiguous(),
-            cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2], max_k=k.shape[2], dropout_p=0.0, is_causal=False,
-            philox_seed=rng_state, philox_offset=unused, scale=scale,
+            grad_out=grad, query=x.q, key=x.k, value=x.v, out=_bnhd(out), logsumexp=lse.contiguous(),
+            cum_seq_q=None, cum_seq_k=None, max_q=x.q.shape[2], max_k=x.k.shape[2], dropout_p=0.0, is_causal=False,
+            philox_seed=rng_state, philox_offset=unused, scale=x.scale,
         )  # fmt: skip
         return dq, dk, dv, None
 
@@ -128,42 +115,27 @@ class _CudaEfficient:
 
     name = "cuda_efficient"
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        b, h, n, _ = q.shape
-        kernel_bias = None if bias is None else efficient_bias(bias, b, h, n, k.shape[2])
+    def forward(self, x: TokenInputs) -> tuple[Tensor, Tensor, Saved]:
+        b, h, n, _ = x.q.shape
+        kernel_bias = None if x.bias is None else efficient_bias(x.bias, b, h, n, x.k.shape[2])
         out, lse, seed, offset = _aten("_scaled_dot_product_efficient_attention")(
-            query=q, key=k, value=v, attn_bias=kernel_bias, compute_log_sumexp=True, dropout_p=0.0, is_causal=False,
-            scale=scale,
+            query=x.q, key=x.k, value=x.v, attn_bias=kernel_bias, compute_log_sumexp=True, dropout_p=0.0,
+            is_causal=False, scale=x.scale,
         )  # fmt: skip
         lse = lse[..., :n]
-        if bias is not None:  # rows whose tokens are all masked: lse -inf and a zero output, whatever the kernel wrote
-            rows = masked_rows(bias)
+        if x.bias is not None:  # rows whose tokens are all masked: lse -inf and a zero output, whatever it wrote
+            rows = masked_rows(x.bias)
             lse = lse.masked_fill(rows, float("-inf"))
             out.masked_fill_(rows.unsqueeze(-1), 0.0)  # the kernel's fresh output, in its layout
-        saved = (seed, offset) if kernel_bias is None else (seed, offset, kernel_bias)
-        return out, lse, saved
+        return out, lse, (seed, offset) if kernel_bias is None else (seed, offset, kernel_bias)
 
-    def backward(
-        self,
-        grad_out: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        saved: tuple[torch.Tensor, ...],
-        scale: float,
-        bias_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def backward(self, x: TokenInputs, grad: Tensor, out: Tensor, lse: Tensor, saved: Saved, bias_grad: bool) -> Grads:
         seed, offset = saved[:2]
         kernel_bias = saved[2] if len(saved) > 2 else None  # None: the undefined tensor of a call without bias
         dq, dk, dv, ds = _aten("_scaled_dot_product_efficient_attention_backward")(
-            grad_out_=grad_out, query=q, key=k, value=v, attn_bias=kernel_bias, out=_bnhd(out),
-            logsumexp=padded_lse(lse, q.shape[2]), philox_seed=seed, philox_offset=offset, dropout_p=0.0,
-            grad_input_mask=[True, True, True, bias_grad and kernel_bias is not None], is_causal=False, scale=scale,
+            grad_out_=grad, query=x.q, key=x.k, value=x.v, attn_bias=kernel_bias, out=_bnhd(out),
+            logsumexp=padded_lse(lse, x.q.shape[2]), philox_seed=seed, philox_offset=offset, dropout_p=0.0,
+            grad_input_mask=[True, True, True, bias_grad and kernel_bias is not None], is_causal=False, scale=x.scale,
         )  # fmt: skip
         return dq, dk, dv, ds if bias_grad else None
 

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 from .._checks import check_attention_inputs
 from ..gates import resolve_gate
-from .flex import flex_attention, flex_available
-from .math import math_attention, traced_attention
 from .cuda import cuda_kernel, cuda_kernels_available
+from .flex import flex_attention, flex_available
 from .kernels import cpu_flash_available
+from .math import math_attention, traced_attention
 from .merge import merge_attention, merge_attention_no_grad
 from .prefix import Gate, PrefixLike, is_traced, normalize_prefix, prefix_scores
 from .sdpa import sdpa_attention
@@ -41,8 +41,8 @@ def select_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.
     (also under `torch.export`, whose programs keep no custom backward, and on CUDA, where no GPU run has yet
     timed the fused paths).
 
-    `"flex"` is never picked automatically; `"merge"` and `"flex"` on CUDA only by name. An explicit backend that cannot run here is a `ValueError`; there is
-    no silent fallback.
+    `"flex"` is never picked automatically; `"merge"` and `"flex"` on CUDA only by name. An explicit backend that
+    cannot run here is a `ValueError`; there is no silent fallback.
 
     Raises:
         ValueError: an unknown backend, or one that cannot run on `q`'s device, dtype or head dim, or with dropout.

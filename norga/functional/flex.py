@@ -17,7 +17,7 @@ import torch
 
 from .prefix import Gate
 
-__all__ = ["flex_attention", "flex_available", "flex_call", "score_mod"]
+__all__ = ["flex_attention", "flex_available", "score_mod"]
 
 
 def flex_available(device: torch.device) -> bool:
@@ -52,13 +52,32 @@ def flex_attention(
     logits: torch.Tensor | None,
     bias: torch.Tensor | None,
     scale: float,
+    *,
+    attend: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """FlexAttention over `[pk; k]`, `[pv; v]`; `gate(prefix score)` on the first `L` columns (compiled).
+    """FlexAttention over `[pk; k]`, `[pv; v]`; `gate(prefix score)` on the first `L` columns.
+
+    Args:
+        q: Queries `(B, H, N, D)`.
+        k: Token keys `(B, H, M, D)`.
+        v: Token values `(B, H, M, D)`.
+        pk: Prefix keys `(B|1, H, L, D)`.
+        pv: Prefix values `(B|1, H, L, D)`.
+        gate: The gate, called on scalar prefix scores inside the kernel, or `None`.
+        logits: Prefix scores `(B|1, H, N|1, L)` replacing `scale * q . pk`, or `None`.
+        bias: Token bias broadcastable to `(B, H, N, M)` with 4 dimensions, or `None`.
+        scale: Score scale.
+        attend: The FlexAttention callable: by default the compiled one. Given the uncompiled
+            `torch.nn.attention.flex_attention.flex_attention`, its reference implementation runs (it materialises
+            the scores; the tests check the `score_mod`'s gradients with it on CPU).
+
+    Returns:
+        `(B, H, N, D)` in the dtype of `v`.
 
     Raises:
-        ValueError: a gradient is needed on CPU, where PyTorch has no FlexAttention backward.
+        ValueError: a gradient is needed on CPU, where PyTorch has no compiled FlexAttention backward.
     """
-    if q.device.type == "cpu" and torch.is_grad_enabled():
+    if attend is None and q.device.type == "cpu" and torch.is_grad_enabled():
         needs = [t for t in (q, k, v, pk, pv, logits, bias) if t is not None and t.requires_grad]
         if needs or (isinstance(gate, torch.nn.Module) and any(p.requires_grad for p in gate.parameters())):
             raise ValueError(
@@ -67,7 +86,12 @@ def flex_attention(
             )
     if q.device.type == "cpu" and not torch.is_grad_enabled():  # PyTorch refuses leaves that require grad on CPU
         q, k, v = q.detach(), k.detach(), v.detach()
-    return flex_call(_compiled(), q, k, v, pk, pv, gate, logits, bias, scale)
+    b, h, _, _ = q.shape
+    keys = torch.cat([pk.to(k.dtype).expand(b, h, -1, -1), k], dim=-2)
+    values = torch.cat([pv.to(v.dtype).expand(b, h, -1, -1), v], dim=-2)
+    attend = _compiled() if attend is None else attend
+    out = attend(q, keys, values, score_mod=score_mod(gate, logits, bias, pk.shape[-2]), scale=scale)
+    return out.to(v.dtype)
 
 
 def score_mod(
@@ -87,40 +111,3 @@ def score_mod(
         return torch.where(ki < length, pre if gate is None else gate(pre), tok)
 
     return mod
-
-
-def flex_call(
-    attend: Callable[..., torch.Tensor],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pk: torch.Tensor,
-    pv: torch.Tensor,
-    gate: Gate,
-    logits: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """`attend(q, [pk; k], [pv; v], score_mod=..., scale=scale)` in the dtype of `v`: `flex` with a given
-    FlexAttention callable (the compiled one; tests also give the uncompiled reference implementation).
-
-    Args:
-        attend: `torch.nn.attention.flex_attention.flex_attention`, compiled or not.
-        q: Queries `(B, H, N, D)`.
-        k: Token keys `(B, H, M, D)`.
-        v: Token values `(B, H, M, D)`.
-        pk: Prefix keys `(B|1, H, L, D)`.
-        pv: Prefix values `(B|1, H, L, D)`.
-        gate: The gate, called on scalar prefix scores inside the kernel, or `None`.
-        logits: Prefix scores `(B|1, H, N|1, L)` replacing `scale * q . pk`, or `None`.
-        bias: Token bias broadcastable to `(B, H, N, M)` with 4 dimensions, or `None`.
-        scale: Score scale.
-
-    Returns:
-        `(B, H, N, D)` in the dtype of `v`.
-    """
-    b, h, _, _ = q.shape
-    keys = torch.cat([pk.to(k.dtype).expand(b, h, -1, -1), k], dim=-2)
-    values = torch.cat([pv.to(v.dtype).expand(b, h, -1, -1), v], dim=-2)
-    out = attend(q, keys, values, score_mod=score_mod(gate, logits, bias, pk.shape[-2]), scale=scale)
-    return out.to(v.dtype)

@@ -6,13 +6,15 @@ gated prefix block, and differentiates through the kernel's own backward given t
 the layout of its log-sum-exp, the state it hands from forward to backward (the philox seed and offset on CUDA),
 and the layout it needs for a token bias. A [`TokenKernel`][norga.functional.kernels.TokenKernel] hides that:
 
-- `forward(q, k, v, bias, scale) -> (o_tok, lse_tok, saved)`: the token attention `o_tok` `(B, H, N, D)` in the
-  dtype of `v`, in the kernel's memory layout, and its log-sum-exp `lse_tok` `(B, H, N)` (float32; float64 for
-  float64 inputs on CPU), a view of whatever the kernel allocated; a query row whose token keys are all masked
-  gets `lse_tok = -inf` and `o_tok = 0`. `saved`: the tensors the backward needs from the forward.
-- `backward(grad_out, q, k, v, bias, out, lse, saved, scale, bias_grad) -> (dq, dk, dv, ds)`: the kernel's backward
-  for the merged output `out` and log-sum-exp `lse` `(B, H, N)` float32, which it brings to its own layout; `ds`
-  `(B, H, N, M)`, the gradient of the token scores (that of an additive token bias), only with `bias_grad`.
+- `forward(x) -> (o_tok, lse_tok, saved)` for [`TokenInputs`][norga.functional.kernels.TokenInputs] `x`: the token
+  attention `o_tok` `(B, H, N, D)` in the dtype of `v`, in the kernel's memory layout, and its log-sum-exp
+  `lse_tok` `(B, H, N)` (float32; float64 for float64 inputs on CPU), a view of whatever the kernel allocated; a
+  query row whose token keys are all masked gets `lse_tok = -inf` and `o_tok = 0`. `saved`: the tensors the
+  backward needs from the forward.
+- `backward(x, grad, out, lse, saved, bias_grad) -> (dq, dk, dv, ds)`: the kernel's backward for the gradient
+  `grad` of the merged output `out` and the merged log-sum-exp `lse` `(B, H, N)` float32, which it brings to its
+  own layout; `ds` `(B, H, N, M)`, the gradient of the token scores (that of an additive token bias), only with
+  `bias_grad`.
 
 This module holds the interface and the CPU kernel (PyTorch's fused CPU flash kernel); `norga.functional.cuda` the
 CUDA ones; [`token_kernel`][norga.functional.merge.token_kernel] chooses.
@@ -20,13 +22,38 @@ CUDA ones; [`token_kernel`][norga.functional.merge.token_kernel] chooses.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Optional, Protocol, Tuple
 
 import torch
+from torch import Tensor
 
 from .prefix import float32
 
-__all__ = ["CPU_FLASH", "TokenKernel", "cpu_flash_available", "masked_rows"]
+__all__ = ["CPU_FLASH", "Grads", "Saved", "TokenInputs", "TokenKernel", "cpu_flash_available", "masked_rows"]
+
+
+class TokenInputs(NamedTuple):
+    """The token attention's inputs.
+
+    Attributes:
+        q: Queries `(B, H, N, D)`.
+        k: Token keys `(B, H, M, D)`.
+        v: Token values `(B, H, M, D)`.
+        bias: Additive token bias `(B or 1, H or 1, N, M)` in the dtype of `q`, or `None`.
+        scale: Score scale.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    bias: Tensor | None
+    scale: float
+
+
+#: What a kernel's forward hands its backward.
+Saved = Tuple[Tensor, ...]
+#: `(dq, dk, dv, ds)`: gradients of `q`, `k`, `v` and, where asked, of the token scores `(B, H, N, M)`.
+Grads = Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]
 
 
 class TokenKernel(Protocol):
@@ -38,27 +65,12 @@ class TokenKernel(Protocol):
 
     name: str
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Token attention over `q` `(B, H, N, D)`, `k`, `v` `(B, H, M, D)` with an additive `bias`
-        `(B or 1, H or 1, N, M)` in the dtype of `q` (or `None`): `(o_tok, lse_tok, saved)`."""
+    def forward(self, x: TokenInputs) -> tuple[Tensor, Tensor, Saved]:
+        """Token attention over `x`: `(o_tok, lse_tok, saved)` (module docstring)."""
         ...
 
-    def backward(
-        self,
-        grad_out: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        saved: tuple[torch.Tensor, ...],
-        scale: float,
-        bias_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`(dq, dk, dv, ds)` for the gradient `grad_out` `(B, H, N, D)` of the merged output `out` with merged
+    def backward(self, x: TokenInputs, grad: Tensor, out: Tensor, lse: Tensor, saved: Saved, bias_grad: bool) -> Grads:
+        """`(dq, dk, dv, ds)` for the gradient `grad` `(B, H, N, D)` of the merged output `out` with merged
         log-sum-exp `lse` `(B, H, N)` float32; `ds` `(B, H, N, M)` only with `bias_grad`, else `None`."""
         ...
 
@@ -84,40 +96,27 @@ class _CpuFlash:
 
     name = "cpu_flash"
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward(self, x: TokenInputs) -> tuple[Tensor, Tensor, Saved]:
         # The kernel reports a query row whose token keys are all masked with lse_tok = 0 and a zero output; such a
         # row's lse_tok is set to -inf, so that the merge gives it the softmax over the prefix columns alone
         o_tok, lse_tok = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+            x.q, x.k, x.v, 0.0, False, attn_mask=x.bias, scale=x.scale
         )
-        if bias is not None:
-            lse_tok = lse_tok.masked_fill(masked_rows(bias), float("-inf"))
+        if x.bias is not None:
+            lse_tok = lse_tok.masked_fill(masked_rows(x.bias), float("-inf"))
         return o_tok, lse_tok, ()
 
-    def backward(
-        self,
-        grad_out: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        saved: tuple[torch.Tensor, ...],
-        scale: float,
-        bias_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def backward(self, x: TokenInputs, grad: Tensor, out: Tensor, lse: Tensor, saved: Saved, bias_grad: bool) -> Grads:
+        q, k, v, bias, scale = x
         lse_k = lse.double() if q.dtype == torch.float64 else lse  # the kernel keeps float64 inputs' lse in float64
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse_k, 0.0, False, attn_mask=bias, scale=scale
+            grad, q, k, v, out, lse_k, 0.0, False, attn_mask=bias, scale=scale
         )
         ds = None
         if bias_grad:  # the kernel does not differentiate its mask: an explicit N x M computation
             assert bias is not None
             with float32(q):
-                do32 = grad_out.float()
+                do32 = grad.float()
                 delta = (do32 * out.float()).sum(dim=-1, keepdim=True)
                 s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + bias.float()
                 p_tok = torch.exp(s - lse.unsqueeze(-1))

@@ -17,13 +17,17 @@ autograd (`merge_attention_no_grad`) is CPU-only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Tuple
 
 import torch
+from torch import Tensor
 
 from . import cuda
-from .kernels import CPU_FLASH, TokenKernel, cpu_flash_available
+from .kernels import CPU_FLASH, Saved, TokenInputs, TokenKernel, cpu_flash_available
 from .prefix import Gate, float32, prefix_scores
+
+#: Which of `(q, k, v, bias, g, pv)` need a gradient.
+Needs = Tuple[bool, ...]
 
 __all__ = ["merge_attention", "merge_attention_no_grad", "merge_backward", "merge_forward", "token_kernel"]
 
@@ -62,27 +66,15 @@ def _bias4d(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
 
 
 def merge_forward(
-    kernel: TokenKernel,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None,
-    g: torch.Tensor,
-    pv: torch.Tensor,
-    scale: float,
-    need_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    kernel: TokenKernel, x: TokenInputs, g: Tensor, pv: Tensor, need_lse: bool
+) -> tuple[Tensor, Tensor, Tensor, Saved]:
     """The merge's forward through `kernel` (module docstring), without autograd.
 
     Args:
         kernel: The token kernel ([`TokenKernel`][norga.functional.kernels.TokenKernel]).
-        q: Queries `(B, H, N, D)`.
-        k: Token keys `(B, H, M, D)`.
-        v: Token values `(B, H, M, D)`.
-        bias: Token bias `(B or 1, H or 1, N, M)` in the dtype of `q`, or `None`.
+        x: The token attention's inputs ([`TokenInputs`][norga.functional.kernels.TokenInputs]).
         g: Gated prefix scores `(B, H, N, L)`, float32.
         pv: Prefix values `(B, H, L, D)`.
-        scale: Score scale.
         need_lse: Whether to compute the merged log-sum-exp (for a backward).
 
     Returns:
@@ -90,66 +82,47 @@ def merge_forward(
         `weights` `(B, H, N, L + 1)` float32, the prefix block of the full softmax and the token weight; `lse`
         `(B, H, N)` float32 (empty without `need_lse`); `saved`, what the kernel's backward needs.
     """
-    o_tok, lse_tok, saved = kernel.forward(q, k, v, bias, scale)
+    o_tok, lse_tok, saved = kernel.forward(x)
     length = g.shape[-1]
-    with float32(q):
+    with float32(x.q):
         cols = torch.cat([g, lse_tok.float().unsqueeze(-1)], dim=-1)  # (B, H, N, L + 1)
         weights = torch.softmax(cols, dim=-1)
         # in the kernel's memory layout ((B, N, H, D) for timm's strided q): the module's transpose(1, 2)
         # .reshape(B, N, C) after it is free, and the gradient arrives in that layout
         out = o_tok.float().mul(weights[..., length:]).add_(torch.matmul(weights[..., :length], pv.float()))
-        out = out.to(v.dtype)
+        out = out.to(x.v.dtype)
         lse = _merged_lse(lse_tok, weights[..., length]) if need_lse else cols.new_empty(0)
     return out, weights, lse, saved
 
 
 def merge_backward(
-    kernel: TokenKernel,
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None,
-    weights: torch.Tensor,
-    pv: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    saved: tuple[torch.Tensor, ...],
-    scale: float,
-    needs: tuple[bool, ...],
-) -> tuple[torch.Tensor | None, ...]:
-    """The merge's backward (module docstring): the kernel's backward given the merged `out` and `lse` for the
-    token gradients, the prefix block's explicitly.
+    kernel: TokenKernel, x: TokenInputs, grad: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Saved], needs: Needs
+) -> tuple[Tensor | None, ...]:
+    """The merge's backward (module docstring): the kernel's backward given the merged output and log-sum-exp for
+    the token gradients, the prefix block's explicitly.
 
     Args:
         kernel: The token kernel given to [`merge_forward`][norga.functional.merge.merge_forward].
-        grad_out: Gradient of `out`, `(B, H, N, D)`.
-        q: Queries `(B, H, N, D)`.
-        k: Token keys `(B, H, M, D)`.
-        v: Token values `(B, H, M, D)`.
-        bias: Token bias `(B or 1, H or 1, N, M)` in the dtype of `q`, or `None`.
-        weights: `merge_forward`'s weights `(B, H, N, L + 1)`.
-        pv: Prefix values `(B, H, L, D)`.
-        out: `merge_forward`'s output `(B, H, N, D)`.
-        lse: `merge_forward`'s merged log-sum-exp `(B, H, N)`.
-        saved: What `merge_forward` returned for the kernel's backward.
-        scale: Score scale.
+        x: The token attention's inputs given to it.
+        grad: Gradient of the output, `(B, H, N, D)`.
+        state: `(weights, pv, out, lse, saved)`: the prefix values given to `merge_forward` and what it returned.
         needs: Which of `(q, k, v, bias, g, pv)` need a gradient (`ctx.needs_input_grad`).
 
     Returns:
         `(dq, dk, dv, dbias, dg, dpv)`: `dq`, `dk`, `dv` in the kernel's layout; `dbias` of `bias`'s shape, `dg`
         `(B, H, N, L)` float32 and `dpv` `(B, H, L, D)` where needed, else `None`.
     """
+    weights, pv, out, lse, saved = state
     length = pv.shape[-2]
     p_pre = weights[..., :length]  # the prefix block of the full softmax (the last column is the tokens')
-    bias_grad = bias is not None and needs[3]
-    dq, dk, dv, ds = kernel.backward(grad_out, q, k, v, bias, out, lse, saved, scale, bias_grad)
+    bias_grad = x.bias is not None and needs[3]
+    dq, dk, dv, ds = kernel.backward(x, grad, out, lse, saved, bias_grad)
     dg = dpv = dbias = None
     if bias_grad:
-        assert bias is not None and ds is not None
-        dbias = ds.sum_to_size(bias.shape).to(bias.dtype)
-    with float32(q):
-        do32 = grad_out.float()
+        assert x.bias is not None and ds is not None
+        dbias = ds.sum_to_size(x.bias.shape).to(x.bias.dtype)
+    with float32(x.q):
+        do32 = grad.float()
         if needs[4] and needs[5]:
             do32 = do32.contiguous()  # one copy for both GEMMs (each would copy a strided operand)
         if needs[4]:
@@ -167,27 +140,26 @@ class _MergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None,
-        g: torch.Tensor,
-        pv: torch.Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor | None,
+        g: Tensor,
+        pv: Tensor,
         scale: float,
         need_lse: bool,
         kernel: TokenKernel,
-    ) -> torch.Tensor:
-        out, weights, lse, saved = merge_forward(kernel, q, k, v, bias, g, pv, scale, need_lse)
+    ) -> Tensor:
+        out, weights, lse, saved = merge_forward(kernel, TokenInputs(q, k, v, bias, scale), g, pv, need_lse)
         ctx.save_for_backward(q, k, v, bias, weights, pv, out, lse, *saved)
         ctx.scale, ctx.kernel = scale, kernel
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, bias, weights, pv, out, lse, *saved = ctx.saved_tensors
-        grads = merge_backward(
-            ctx.kernel, grad_out, q, k, v, bias, weights, pv, out, lse, tuple(saved), ctx.scale, ctx.needs_input_grad
-        )
+        x = TokenInputs(q, k, v, bias, ctx.scale)
+        grads = merge_backward(ctx.kernel, x, grad, (weights, pv, out, lse, tuple(saved)), ctx.needs_input_grad)
         return (*grads, None, None, None)
 
 
@@ -240,7 +212,7 @@ def merge_attention_no_grad(
     scores are built and gated on the whole `(B, H, N, L)` block first, exactly as on the autograd path.
     """
     bias = _bias4d(bias, q.dtype)
-    o_tok, lse_tok, _ = CPU_FLASH.forward(q, k, v, bias, scale)
+    o_tok, lse_tok, _ = CPU_FLASH.forward(TokenInputs(q, k, v, bias, scale))
     b, h, n, _ = q.shape
     length = pk.shape[-2]
     with float32(q):

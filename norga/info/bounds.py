@@ -154,7 +154,9 @@ def error_bounds(
         return (pp * rr).transpose(-2, -1) @ dO + ((n_q + 1) * u + 2 * io_unit) * pp.transpose(-2, -1) @ dO
 
     # q's gradient: the token part and the prefix part, each rounded to the input dtype, and their sum once more
-    e_q = rows(e_tok, t_tok, n, k) + rows(gated_e, gated_t, n, pk) + io_unit * c * (t_tok @ k.abs() + gated_t @ pk.abs())
+    e_q = (
+        rows(e_tok, t_tok, n, k) + rows(gated_e, gated_t, n, pk) + io_unit * c * (t_tok @ k.abs() + gated_t @ pk.abs())
+    )
     count = e_pre.numel()
     batch = q.shape[0]
     bounds = {

@@ -167,8 +167,8 @@ def _check(backend: str, dtype: torch.dtype, device: torch.device, bias: bool, s
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
         result.ok, result.error, result.worst = False, f"{type(e).__name__}: {e}", float("inf")
         return result
-    for what, g, e in checks:
-        ok, worst = _compare(g, e, bounds[what])
+    for what, mine_t, want_t in checks:
+        ok, worst = _compare(mine_t, want_t, bounds[what])
         result.ok = result.ok and ok
         if worst >= result.worst:
             result.worst, result.worst_of = worst, what
@@ -211,7 +211,10 @@ def _time(result: CheckResult, device: torch.device, shape: dict, repeats: int) 
         return lambda: torch.autograd.grad(fn(), [x["qkv"], x["pk"], x["pv"]], grad)
 
     mine = lambda: _run(result.backend, x)  # noqa: E731
-    result.fwd_ms, result.floor_fwd_ms = _median_ms(forward(mine), device, repeats), _median_ms(forward(floor), device, repeats)
+    result.fwd_ms, result.floor_fwd_ms = (
+        _median_ms(forward(mine), device, repeats),
+        _median_ms(forward(floor), device, repeats),
+    )
     result.floor_fwdbwd_ms = _median_ms(train(floor), device, repeats)
     if result.gradients:
         result.fwdbwd_ms = _median_ms(train(mine), device, repeats)
@@ -273,7 +276,9 @@ def _ratio(a: float | None, b: float | None) -> str:
 def report(info: dict[str, Any], results: list[CheckResult]) -> str:
     """The self-check as text: versions, then one table row per configuration."""
     lines = [" ".join(f"{key}={value}" for key, value in info.items()), ""]
-    header = "| backend | dtype | bias | worst error / bound | of | fwd ms | vs floor | fwd+bwd ms | vs floor | result |"
+    header = (
+        "| backend | dtype | bias | worst error / bound | of | fwd ms | vs floor | fwd+bwd ms | vs floor | result |"
+    )
     lines += [header, "|" + "---|" * 10]
     for r in results:
         verdict = "ok" if r.ok else ("ERROR " + r.error if r.error else "MISMATCH")

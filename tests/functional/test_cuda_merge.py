@@ -96,7 +96,9 @@ def test_cuda_merge_with_cpu_stand_ins_matches_reference(case, monkeypatch):
     bounds = {"qkv": torch.stack([t["q"] + u_io * t["terms_q"], t["k"], t["v"]]).permute(1, 3, 0, 2, 4)}
     bounds.update({name: gb[name] for name in ("pk", "pv", "alpha", "tau")})
     # the kernel's score gradients in dtype, summed over the batch and rounded to dtype once
-    bounds["bias"] = gb["bias_batch"] + u_io * (float(exp["bias"].abs().max()) + gb["bias_batch"]) if bias is not None else 0
+    bounds["bias"] = (
+        gb["bias_batch"] + u_io * (float(exp["bias"].abs().max()) + gb["bias_batch"]) if bias is not None else 0
+    )
     bounds["logits"] = gb["logits_rows"]
     for name in leaves:
         assert_within(got[name], exp[name], bounds[name], name)
@@ -113,7 +115,9 @@ def test_cuda_kernel_choice_and_errors():
 
     assert kernel(torch.bfloat16) is cuda.CUDA_FLASH and kernel(torch.float16) is cuda.CUDA_FLASH
     assert kernel(torch.bfloat16, with_bias=True) is cuda.CUDA_EFFICIENT
-    assert kernel(torch.float32) is cuda.CUDA_EFFICIENT and kernel(torch.float32, capability=(7, 5)) is cuda.CUDA_EFFICIENT
+    assert (
+        kernel(torch.float32) is cuda.CUDA_EFFICIENT and kernel(torch.float32, capability=(7, 5)) is cuda.CUDA_EFFICIENT
+    )
     assert kernel(torch.float16, capability=(7, 5)) is cuda.CUDA_EFFICIENT
     with pytest.raises(ValueError, match=r"compute capability 8.0 or newer for bfloat16, got 7.5"):
         kernel(torch.bfloat16, capability=(7, 5))

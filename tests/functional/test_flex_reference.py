@@ -31,7 +31,7 @@ def test_flex_score_mod_gradients_through_reference_implementation(act, extra, m
     gate = NoRGaGate(act, alpha=0.8, tau=1.7)
     bias = torch.randn(1, H, N, N, requires_grad=True) if extra == "bias" else None
     logits = torch.randn(B, H, 1, L, requires_grad=True) if extra == "logits" else None
-    out = flex.flex_call(fa.flex_attention, q, k, v, pk, pv, gate, logits, bias, SCALE)
+    out = flex.flex_attention(q, k, v, pk, pv, gate, logits, bias, SCALE, attend=fa.flex_attention)
     assert out.grad_fn is not None
 
     leaves = {"qkv": qkv, "pk": pk, "pv": pv, "alpha": gate.alpha, "tau": gate.tau, "bias": bias, "logits": logits}
