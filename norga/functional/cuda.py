@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import Grads, Saved, TokenInputs, masked_rows
+from .prefix import float32
 
 __all__ = ["CUDA_EFFICIENT", "CUDA_FLASH", "cuda_kernel", "cuda_kernels_available", "efficient_bias", "padded_lse"]
 
@@ -93,9 +94,10 @@ class _CudaFlash:
 
     def forward(self, x: TokenInputs) -> tuple[Tensor, Tensor, Saved]:
         assert x.bias is None, "the flash kernel takes no bias"
-        out, lse, _, _, _, _, rng_state, unused, _ = _aten("_scaled_dot_product_flash_attention")(
-            query=x.q, key=x.k, value=x.v, dropout_p=0.0, is_causal=False, return_debug_mask=False, scale=x.scale
-        )
+        with float32(x.q):  # autocast off: the kernel runs in q's dtype, which the backward gets too
+            out, lse, _, _, _, _, rng_state, unused, _ = _aten("_scaled_dot_product_flash_attention")(
+                query=x.q, key=x.k, value=x.v, dropout_p=0.0, is_causal=False, return_debug_mask=False, scale=x.scale
+            )
         return out, lse, (rng_state, unused)
 
     def backward(self, x: TokenInputs, grad: Tensor, out: Tensor, lse: Tensor, saved: Saved, bias_grad: bool) -> Grads:
@@ -118,10 +120,11 @@ class _CudaEfficient:
     def forward(self, x: TokenInputs) -> tuple[Tensor, Tensor, Saved]:
         b, h, n, _ = x.q.shape
         kernel_bias = None if x.bias is None else efficient_bias(x.bias, b, h, n, x.k.shape[2])
-        out, lse, seed, offset = _aten("_scaled_dot_product_efficient_attention")(
-            query=x.q, key=x.k, value=x.v, attn_bias=kernel_bias, compute_log_sumexp=True, dropout_p=0.0,
-            is_causal=False, scale=x.scale,
-        )  # fmt: skip
+        with float32(x.q):  # autocast off: the kernel runs in q's dtype
+            out, lse, seed, offset = _aten("_scaled_dot_product_efficient_attention")(
+                query=x.q, key=x.k, value=x.v, attn_bias=kernel_bias, compute_log_sumexp=True, dropout_p=0.0,
+                is_causal=False, scale=x.scale,
+            )  # fmt: skip
         lse = lse[..., :n]
         if x.bias is not None:  # rows whose tokens are all masked: lse -inf and a zero output, whatever it wrote
             rows = masked_rows(x.bias)
