@@ -77,3 +77,30 @@ def test_self_check_reference_is_the_equations():
     # two float64 evaluations of the same equations, each within tolerance.attention_tol in float64
     args = {"act": "tanh", "alpha": 0.8, "tau": 1.3, "bias": bias.expand(2, -1, -1, -1), "dtype": torch.float64}
     torch.testing.assert_close(got, want, rtol=0, atol=2 * attention_tol(q, k, v, pk, pv, scale=8**-0.5, **args))
+
+
+def test_versions_and_timing_on_cuda_name_the_gpu(monkeypatch):
+    """On CUDA the versions name the GPU, its compute capability and CUDA's version, and the timer synchronises the
+    device around each call (CUDA's functions stubbed: no GPU here)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    info = check.versions("cuda")
+    assert info["gpu"] == "a GPU" and info["capability"] == "9.0" and info["cuda"] == torch.version.cuda
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    calls = []
+    assert check._median_ms(lambda: calls.append(1), torch.device("cuda"), 3) >= 0
+    assert len(calls) == 4 and len(synced) == 6  # a warm-up, then 3 timed calls between two synchronisations
+
+
+def test_bounds_grow_with_tf32_and_the_input_dtype():
+    """TF32's operand rounding and a lower input dtype can only widen the bounds, everywhere."""
+    from norga.info.bounds import error_bounds
+
+    q, k, v = (torch.randn(2, 3, 9, 8, dtype=torch.float64) for _ in range(3))
+    pk, pv = (torch.randn(2, 3, 4, 8, dtype=torch.float64) for _ in range(2))
+    args = (q, k, v, pk, pv, 0.8, 1.3, torch.randn(1, 3, 9, 9, dtype=torch.float64), 8**-0.5, torch.randn_like(q))
+    base = error_bounds(*args, io_unit=0.0, tf32=False)
+    for wider in (error_bounds(*args, io_unit=0.0, tf32=True), error_bounds(*args, io_unit=2.0**-8, tf32=False)):
+        for name, bound in base.items():
+            assert (wider[name] > bound).all(), name

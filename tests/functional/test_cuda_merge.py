@@ -14,7 +14,7 @@ from tolerance import assert_within, attention_grad_tol, attention_tol, unit_rou
 
 from norga import NoRGaGate
 from norga.functional import available_backends, cuda, prefix_scores
-from norga.functional.merge import merge_attention
+from norga.functional.merge import merge_attention, token_kernel
 
 B, H, N, D, L = 2, 3, 37, 8, 5  # N = 37: the memory-efficient log-sum-exp has 64 rows, 27 of them padding
 SCALE = D**-0.5
@@ -147,3 +147,20 @@ def test_efficient_bias_layout():
     padded = cuda.padded_lse(lse, N)
     assert padded.shape == (B, H, 64) and padded.is_contiguous()
     assert torch.equal(padded[..., :N], lse) and torch.isposinf(padded[..., N:]).all()
+
+
+def test_layout_helpers_copy_only_what_is_not_laid_out():
+    """A bias whose rows are a multiple of 8 elements but not contiguous is made contiguous; an output not laid out
+    (B, N, H, D) is copied into that layout (the memory-efficient backward reads it so), one that is is passed as is."""
+    strided = torch.randn(1, H, 40, N).transpose(-2, -1)  # (1, H, N, 40), last dimension not contiguous
+    made = cuda.efficient_bias(strided, B, H, N, 40)
+    assert made.stride() == (0, N * 40, 40, 1) and torch.equal(made[0], strided[0])
+    bhnd = torch.randn(B, H, N, D)
+    copied = cuda._bnhd(bhnd)
+    assert copied.transpose(1, 2).is_contiguous() and torch.equal(copied, bhnd)
+    assert cuda._bnhd(copied) is copied
+
+
+def test_no_token_kernel_elsewhere():
+    with pytest.raises(ValueError, match="no fused token kernel on device 'meta'"):
+        token_kernel(torch.empty(1, 1, 2, 8, device="meta"), None)
