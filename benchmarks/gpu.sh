@@ -58,10 +58,10 @@ else
   vit=(--batch 64 --train-batch 64 --repeats 10 --train-repeats 5)
 fi
 
-step selfcheck 80 "$py" -m norga.info --device "$device" "${info[@]}" --json "$out/selfcheck.json"
-step test_gpu 120 "$py" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider "${gpu_tests[@]}"
+step selfcheck 120 "$py" -m norga.info --device "$device" "${info[@]}" --json "$out/selfcheck.json"
+step test_gpu 120 "$py" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider ${gpu_tests[@]+"${gpu_tests[@]}"}
 for dtype in bfloat16 float32; do
-  step "attention_$dtype" 110 "$py" benchmarks/bench_attention.py --device "$device" --dtype "$dtype" \
+  step "attention_$dtype" 100 "$py" benchmarks/bench_attention.py --device "$device" --dtype "$dtype" \
     "${attention[@]}" --out "$out/attention_$dtype.json"
   [[ -f "$out/attention_$dtype.json" ]] && "$py" benchmarks/report.py "$out/attention_$dtype.json" --memory \
     --norga merge > "$out/tables_$dtype.md"
@@ -69,7 +69,7 @@ done
 for backend in merge auto; do
   step "smope_$backend" 15 "$py" benchmarks/bench_smope.py --device "$device" --backend "$backend" "${smope[@]}" \
     --out "$out/smope_$backend.json"
-  step "vit_$backend" 45 "$py" benchmarks/bench_vit.py --device "$device" --backend "$backend" --no-compile \
+  step "vit_$backend" 35 "$py" benchmarks/bench_vit.py --device "$device" --backend "$backend" --no-compile \
     "${vit[@]}" --out "$out/vit_$backend.json"
 done
 echo "steps (name, exit status, seconds) in $out/steps.tsv"
