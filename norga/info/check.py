@@ -55,8 +55,10 @@ class CheckResult:
         error: The exception's message where the backend raised, else `""`.
         fwd_ms: Median forward time (no autograd), milliseconds, at the timing shape (`None` if not timed).
         fwdbwd_ms: Median forward + backward time, or `None`.
-        floor_fwd_ms: The floor's forward time at the same shape and dtype.
+        floor_fwd_ms: The floor's forward time (SDPA over `[prefix; tokens]`, no gate, no bias) at the same shape
+            and dtype.
         floor_fwdbwd_ms: The floor's forward + backward time.
+        shape: The check's sizes `B`, `H`, `N`, `D`, `L`.
     """
 
     backend: str
