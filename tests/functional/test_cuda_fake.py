@@ -148,3 +148,21 @@ def test_flex_forward_traces_on_fake_cuda(dtype, monkeypatch):
         with torch.no_grad():
             out = prefix_attention(q, k, v, Prefix(pk, pv, logits), gate=gate, attn_bias=bias, backend="flex")
         assert out.device.type == "cuda" and out.shape == (B, H, N, D) and out.dtype == dtype
+
+
+def test_schema_check_fails_on_a_changed_signature():
+    """The schema check refuses an argument the schema lacks, a missing required one, a value of the wrong type and
+    an undefined tensor where PyTorch's code would not take one; it passes the calls norga makes (above)."""
+    from cuda_kernels import FLASH, check_schema
+
+    t = torch.empty(1, 1, 2, 8)
+    good = {"query": t, "key": t, "value": t, "dropout_p": 0.0, "is_causal": False, "return_debug_mask": False}
+    check_schema(FLASH, {**good, "scale": 0.5})
+    for bad in (
+        {**good, "dropout": 0.0},  # a renamed argument
+        {k: v for k, v in good.items() if k != "query"},  # a missing one
+        {**good, "dropout_p": 0},  # an int for a float
+        {**good, "query": None},  # an undefined tensor where it is required
+    ):
+        with pytest.raises(AssertionError):
+            check_schema(FLASH, bad)
