@@ -21,6 +21,7 @@ printed and written as JSON. Parameter counts are for a ViT-B prompted as the pa
 0-5; task pools on blocks 0-4 over 10 tasks).
 
     python benchmarks/bench_smope.py --out smope.json
+    python benchmarks/bench_smope.py --device cuda --B 64 --backend merge --out smope_cuda.json
 """
 
 from __future__ import annotations
@@ -97,26 +98,30 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto", choices=list(norga.functional.BACKENDS), help="norga's layers")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    device = torch.device(args.device)
     smope = norga.SMoPE(DIM, HEADS, args.experts, args.top_k)
-    layer = norga.PrefixMoEAttention(DIM, HEADS, qkv_bias=True, prompt=smope).eval()
+    layer = norga.PrefixMoEAttention(DIM, HEADS, qkv_bias=True, prompt=smope, backend=args.backend).eval()
     loop = LoopSMoPEAttention(layer, smope).eval()
     pool = norga.PrefixPool(10, 1, args.top_k, DIM)
     pool.set_task(3)
-    pooled = norga.PrefixMoEAttention(DIM, HEADS, qkv_bias=True, prompt=pool.layer(0)).eval()
+    pooled = norga.PrefixMoEAttention(DIM, HEADS, qkv_bias=True, prompt=pool.layer(0), backend=args.backend).eval()
     pooled.load_state_dict(layer.state_dict(), strict=False)
-    plain = norga.PrefixMoEAttention(DIM, HEADS, qkv_bias=True).eval()
+    plain = norga.PrefixMoEAttention(DIM, HEADS, qkv_bias=True, backend=args.backend).eval()
     plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("prompt.")})
+    layer, loop, pooled, plain = (m.to(device) for m in (layer, loop, pooled, plain))
 
     rows, results = [], []
     with torch.inference_mode():
         for b in args.B:
-            x = torch.randn(b, args.N, DIM)
+            x = torch.randn(b, args.N, DIM, device=device)
             torch.testing.assert_close(layer(x), loop(x), rtol=1e-4, atol=1e-4)  # same computation
             fns = {
                 "norga_smope": lambda x=x: layer(x),
@@ -124,7 +129,7 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
                 "pool": lambda x=x: pooled(x),
                 "none": lambda x=x: plain(x),
             }
-            times = interleaved(fns, args.repeats)
+            times = interleaved(fns, args.repeats, device=device)
             med = {k: median_ms(v) for k, v in times.items()}
             results.append({"B": b, "N": args.N, "median_ms": med})
             for name, ms in med.items():
@@ -133,7 +138,7 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     counts = param_counts(args.experts, args.top_k)
     print(format_table([[k, v] for k, v in counts.items()], ["parameters", "count"]))
     payload = {
-        "machine": machine_info(),
+        "machine": machine_info(device),
         "experts": args.experts,
         "top_k": args.top_k,
         "results": results,

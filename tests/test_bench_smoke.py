@@ -201,3 +201,41 @@ def test_rotated_starts_each_round_one_contender_later():
 
     assert [rotated("abc", r) for r in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
     assert rotated([], 3) == []
+
+
+def test_gpu_script_dry_run(tmp_path):
+    """``benchmarks/gpu.sh --dry-run`` runs every step of the GPU run on the CPU at tiny sizes: the self-check, the
+    GPU tests, the layer benchmarks in bf16 and fp32, SMoPE and the ViT, each recorded with its exit status."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", "--dry-run", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stdout + "".join((tmp_path / f).read_text()[-2000:] for f in os.listdir(tmp_path))
+    steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
+    names = ["selfcheck", "test_gpu", "attention_bfloat16", "attention_float32"]
+    names += ["smope_merge", "vit_merge", "smope_auto", "vit_auto"]
+    assert [s[0] for s in steps] == names and all(s[1] == "0" for s in steps)
+    info = json.loads((tmp_path / "selfcheck.json").read_text())
+    assert info["results"] and all(r["ok"] for r in info["results"])
+    for dtype in ("bfloat16", "float32"):
+        rows = json.loads((tmp_path / f"attention_{dtype}.json").read_text())["results"]
+        assert {r["contender"] for r in rows} == {"naive", "merge", "sdpa", "auto", "floor", "timm"}
+        assert "merge/floor" in (tmp_path / f"tables_{dtype}.md").read_text()
+    assert "passed" in (tmp_path / "test_gpu.log").read_text()
+    vit = json.loads((tmp_path / "vit_merge.json").read_text())
+    assert vit["args"]["backend"] == "merge" and vit["train"]["median_ms"]["patched"] > 0
+
+
+def test_gpu_script_records_failures(tmp_path):
+    """A step that fails is recorded with its exit status, the others still run, and the script exits 1."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHON="false")
+    res = subprocess.run(["bash", "benchmarks/gpu.sh", "--dry-run", str(tmp_path)], cwd=root, env=env)
+    assert res.returncode == 1
+    steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
+    assert len(steps) == 8 and all(s[1] == "1" for s in steps)

@@ -7,9 +7,11 @@ import torch.nn.functional as F
 
 from .._checks import check_attention_inputs
 from ..gates import resolve_gate
+from .cuda import cuda_kernel, cuda_kernels_available
 from .flex import flex_attention, flex_available
+from .kernels import cpu_flash_available
 from .math import math_attention, traced_attention
-from .merge import cpu_flash_available, merge_attention, merge_attention_no_grad
+from .merge import merge_attention, merge_attention_no_grad
 from .prefix import Gate, PrefixLike, is_traced, normalize_prefix, prefix_scores
 from .sdpa import sdpa_attention
 
@@ -21,12 +23,13 @@ BACKENDS = ("auto", "math", "merge", "sdpa", "flex")
 def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
     """The concrete backends usable on `device` (`"math"` and `"sdpa"` always are).
 
-    `"merge"` needs PyTorch's fused CPU flash kernel; `"flex"` is listed on CPU and CUDA, and on CPU it runs
-    without autograd only (PyTorch has no CPU FlexAttention backward).
+    `"merge"` needs PyTorch's fused CPU flash kernel on CPU, its fused flash and memory-efficient kernels on CUDA
+    (where it takes float32, float16 and bfloat16; see docs/backends.md); `"flex"` is listed on CPU and CUDA, and
+    on CPU it runs without autograd only (PyTorch has no CPU FlexAttention backward).
     """
     device = torch.device(device)
     names = ["math", "sdpa"]
-    if device.type == "cpu" and cpu_flash_available():
+    if (device.type == "cpu" and cpu_flash_available()) or (device.type == "cuda" and cuda_kernels_available()):
         names.insert(1, "merge")
     if flex_available(device):
         names.append("flex")
@@ -35,13 +38,14 @@ def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
 
 def select_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.0) -> str:
     """The concrete backend for `q`: `"auto"` is `"merge"` on CPU without dropout, else `"sdpa"`
-    (also under `torch.export`, whose programs keep no custom backward).
+    (also under `torch.export`, whose programs keep no custom backward, and on CUDA, where no GPU run has yet
+    timed the fused paths).
 
-    `"flex"` is never picked automatically. An explicit backend that cannot run here is a `ValueError`; there is
-    no silent fallback.
+    `"flex"` is never picked automatically; `"merge"` and `"flex"` on CUDA only by name. An explicit backend that
+    cannot run here is a `ValueError`; there is no silent fallback.
 
     Raises:
-        ValueError: an unknown backend, or one that cannot run on `q`'s device or with dropout.
+        ValueError: an unknown backend, or one that cannot run on `q`'s device, dtype or head dim, or with dropout.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -59,6 +63,8 @@ def select_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.
             raise ValueError(
                 f"backend {backend!r} does not support attention dropout (dropout_p={dropout_p}); use 'sdpa' or 'math'"
             )
+        if backend == "merge" and q.device.type == "cuda":
+            cuda_kernel(q, None)  # a dtype, head dim or GPU that no fused CUDA kernel takes: its ValueError
     return backend
 
 
@@ -95,8 +101,8 @@ def prefix_attention(
         attn_bias: Additive float bias over the *token* columns, broadcastable to `(B, H, N, M)` (relative position
             bias, masks). Prefix columns are never masked.
         dropout_p: Attention dropout on the full softmax.
-        backend: `"auto"`, `"math"` (readable reference), `"merge"` (fused CPU kernel merged with the prefix
-            block), `"sdpa"` (additive mask over `[prefix; tokens]`) or `"flex"` (FlexAttention); see
+        backend: `"auto"`, `"math"` (readable reference), `"merge"` (fused token kernel merged with the prefix
+            block; CPU and CUDA), `"sdpa"` (additive mask over `[prefix; tokens]`) or `"flex"` (FlexAttention); see
             docs/backends.md.
 
     Returns:
@@ -131,9 +137,10 @@ def prefix_attention(
         if n == 0:  # the compiled CPU kernel divides by zero (kills the process)
             raise ValueError(f"backend 'flex' needs at least one query, got N={n}; use 'sdpa' or 'math'")
         return flex_attention(q, k, v, pk, pv, gate, p.logits, attn_bias, scale)
-    if name == "merge" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # eager inference: the working-buffer epilogue; under torch.compile the batched form below, which inductor
-        # fuses (Dynamo cannot trace the in-place writes into strided outputs)
+    cpu = q.device.type == "cpu"
+    if name == "merge" and cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # eager inference on CPU: the working-buffer epilogue; under torch.compile (and on CUDA) the batched form
+        # below, which inductor fuses (Dynamo cannot trace the in-place writes into strided outputs)
         return merge_attention_no_grad(q, k, v, pk, pv, gate, p.logits, attn_bias, scale)
     g = prefix_scores(q, pk, scale, gate, p.logits)
     if name == "math":

@@ -1,6 +1,8 @@
 """The `merge` backend: fused token attention merged exactly with the small gated prefix block.
 
-PyTorch's fused CPU flash kernel attends over the tokens and returns `o_tok` and its log-sum-exp `lse_tok`. One
+A fused kernel (PyTorch's CPU flash kernel on CPU; its flash or memory-efficient kernel on CUDA, behind the
+[`TokenKernel`][norga.functional.kernels.TokenKernel] interface) attends over the tokens and returns `o_tok` and
+its log-sum-exp `lse_tok`. One
 softmax over the `L + 1` columns `[g_1, ..., g_L, lse_tok]` gives at once the prefix block `p` of the full softmax
 and the weight `w = exp(lse_tok - lse)` of the token part, so
 
@@ -9,42 +11,41 @@ and the weight `w = exp(lse_tok - lse)` of the token part, so
 The backward runs the fused backward kernel with the *merged* `lse` and output: its recomputed probabilities and
 row sums are then those of the full softmax, so `dq`, `dk`, `dv` are exact; the prefix block's gradients are
 explicit. No `N x N` buffer (except to differentiate a token bias that itself requires grad). Float32 after the
-kernel.
+kernel. The same equations on every device (`merge_forward`, `merge_backward`); the inference epilogue without
+autograd (`merge_attention_no_grad`) is CPU-only.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Tuple
 
 import torch
+from torch import Tensor
 
+from . import cuda
+from .kernels import CPU_FLASH, Saved, TokenInputs, TokenKernel, cpu_flash_available
 from .prefix import Gate, float32, prefix_scores
 
-__all__ = ["cpu_flash_available", "merge_attention", "merge_attention_no_grad"]
+#: Which of `(q, k, v, bias, g, pv)` need a gradient.
+Needs = Tuple[bool, ...]
+
+__all__ = ["merge_attention", "merge_attention_no_grad", "merge_backward", "merge_forward", "token_kernel"]
 
 
-def cpu_flash_available() -> bool:
-    """Whether this torch has the fused CPU flash kernel and its backward (`merge`'s token attention)."""
-    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
-        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
-    )
+def token_kernel(q: torch.Tensor, bias: torch.Tensor | None) -> TokenKernel:
+    """The token kernel `merge` uses for `q` `(B, H, N, D)` and a token bias (or `None`) on `q`'s device.
 
+    On CPU the fused CPU flash kernel; on CUDA the flash kernel for float16/bfloat16 without a bias, else the
+    memory-efficient one (`norga.functional.cuda.cuda_kernel`).
 
-def _token_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused CPU flash kernel over the tokens: `(o_tok, lse_tok)`.
-
-    The kernel reports a query row whose token keys are all masked (`bias` is `-inf` on the whole row) with
-    `lse_tok = 0` and a zero output. Such a row's `lse_tok` is set to `-inf` here, so that the merge gives it the
-    softmax over the prefix columns alone, as the full softmax does.
+    Raises:
+        ValueError: no fused kernel for this device, dtype, head dim or GPU.
     """
-    o_tok, lse_tok = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=bias, scale=scale
-    )
-    if bias is not None:
-        lse_tok = lse_tok.masked_fill(torch.isneginf(bias).all(dim=-1), float("-inf"))
-    return o_tok, lse_tok
+    if q.device.type == "cpu" and cpu_flash_available():
+        return CPU_FLASH
+    if q.device.type == "cuda" and cuda.cuda_kernels_available():
+        return cuda.cuda_kernel(q, bias)
+    raise ValueError(f"backend 'merge' has no fused token kernel on device {q.device.type!r}; use 'sdpa' or 'math'")
 
 
 def _merged_lse(lse_tok: torch.Tensor, w_tok: torch.Tensor) -> torch.Tensor:
@@ -64,65 +65,102 @@ def _bias4d(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
     return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)) if bias.dim() < 4 else bias
 
 
+def merge_forward(
+    kernel: TokenKernel, x: TokenInputs, g: Tensor, pv: Tensor, need_lse: bool
+) -> tuple[Tensor, Tensor, Tensor, Saved]:
+    """The merge's forward through `kernel` (module docstring), without autograd.
+
+    Args:
+        kernel: The token kernel ([`TokenKernel`][norga.functional.kernels.TokenKernel]).
+        x: The token attention's inputs ([`TokenInputs`][norga.functional.kernels.TokenInputs]).
+        g: Gated prefix scores `(B, H, N, L)`, float32.
+        pv: Prefix values `(B, H, L, D)`.
+        need_lse: Whether to compute the merged log-sum-exp (for a backward).
+
+    Returns:
+        `(out, weights, lse, saved)`: `out` `(B, H, N, D)` in the dtype of `v` and the kernel's memory layout;
+        `weights` `(B, H, N, L + 1)` float32, the prefix block of the full softmax and the token weight; `lse`
+        `(B, H, N)` float32 (empty without `need_lse`); `saved`, what the kernel's backward needs.
+    """
+    o_tok, lse_tok, saved = kernel.forward(x)
+    length = g.shape[-1]
+    with float32(x.q):
+        cols = torch.cat([g, lse_tok.float().unsqueeze(-1)], dim=-1)  # (B, H, N, L + 1)
+        weights = torch.softmax(cols, dim=-1)
+        # in the kernel's memory layout ((B, N, H, D) for timm's strided q): the module's transpose(1, 2)
+        # .reshape(B, N, C) after it is free, and the gradient arrives in that layout
+        out = o_tok.float().mul(weights[..., length:]).add_(torch.matmul(weights[..., :length], pv.float()))
+        out = out.to(x.v.dtype)
+        lse = _merged_lse(lse_tok, weights[..., length]) if need_lse else cols.new_empty(0)
+    return out, weights, lse, saved
+
+
+def merge_backward(
+    kernel: TokenKernel, x: TokenInputs, grad: Tensor, state: tuple[Tensor, Tensor, Tensor, Tensor, Saved], needs: Needs
+) -> tuple[Tensor | None, ...]:
+    """The merge's backward (module docstring): the kernel's backward given the merged output and log-sum-exp for
+    the token gradients, the prefix block's explicitly.
+
+    Args:
+        kernel: The token kernel given to [`merge_forward`][norga.functional.merge.merge_forward].
+        x: The token attention's inputs given to it.
+        grad: Gradient of the output, `(B, H, N, D)`.
+        state: `(weights, pv, out, lse, saved)`: the prefix values given to `merge_forward` and what it returned.
+        needs: Which of `(q, k, v, bias, g, pv)` need a gradient (`ctx.needs_input_grad`).
+
+    Returns:
+        `(dq, dk, dv, dbias, dg, dpv)`: `dq`, `dk`, `dv` in the kernel's layout; `dbias` of `bias`'s shape, `dg`
+        `(B, H, N, L)` float32 and `dpv` `(B, H, L, D)` where needed, else `None`.
+    """
+    weights, pv, out, lse, saved = state
+    length = pv.shape[-2]
+    p_pre = weights[..., :length]  # the prefix block of the full softmax (the last column is the tokens')
+    bias_grad = x.bias is not None and needs[3]
+    dq, dk, dv, ds = kernel.backward(x, grad, out, lse, saved, bias_grad)
+    dg = dpv = dbias = None
+    if bias_grad:
+        assert x.bias is not None and ds is not None
+        dbias = ds.sum_to_size(x.bias.shape).to(x.bias.dtype)
+    with float32(x.q):
+        do32 = grad.float()
+        if needs[4] and needs[5]:
+            do32 = do32.contiguous()  # one copy for both GEMMs (each would copy a strided operand)
+        if needs[4]:
+            delta = (do32 * out.float()).sum(dim=-1, keepdim=True)
+            dg = torch.matmul(do32, pv.float().transpose(-2, -1)).sub_(delta).mul_(p_pre)
+        if needs[5]:  # contiguous left operand: all L + 1 rows, then drop the tokens' row
+            dpv = torch.matmul(weights.transpose(-2, -1), do32)[..., :length, :].to(pv.dtype)
+    # q's gradient through the prefix scores flows back through g, outside this function
+    return dq, dk, dv, dbias, dg, dpv
+
+
 class _MergeFunction(torch.autograd.Function):
     """`out = p @ pv + w * o_tok` (module docstring) with the fused kernels' exact backward."""
 
     @staticmethod
     def forward(
         ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None,
-        g: torch.Tensor,
-        pv: torch.Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor | None,
+        g: Tensor,
+        pv: Tensor,
         scale: float,
         need_lse: bool,
-    ) -> torch.Tensor:
-        o_tok, lse_tok = _token_attention(q, k, v, bias, scale)
-        length = g.shape[-1]
-        with float32(q):
-            cols = torch.cat([g, lse_tok.float().unsqueeze(-1)], dim=-1)  # (B, H, N, L + 1)
-            weights = torch.softmax(cols, dim=-1)
-            # in the kernel's memory layout ((B, N, H, D) for timm's strided q): the module's transpose(1, 2)
-            # .reshape(B, N, C) after it is free, and the gradient arrives in that layout
-            out = o_tok.float().mul(weights[..., length:]).add_(torch.matmul(weights[..., :length], pv.float()))
-            out = out.to(v.dtype)
-            lse = _merged_lse(lse_tok, weights[..., length]) if need_lse else cols.new_empty(0)
-        ctx.save_for_backward(q, k, v, bias, weights, pv, out, lse)
-        ctx.scale = scale
+        kernel: TokenKernel,
+    ) -> Tensor:
+        out, weights, lse, saved = merge_forward(kernel, TokenInputs(q, k, v, bias, scale), g, pv, need_lse)
+        ctx.save_for_backward(q, k, v, bias, weights, pv, out, lse, *saved)
+        ctx.scale, ctx.kernel = scale, kernel
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, bias, weights, pv, out, lse = ctx.saved_tensors
-        length = pv.shape[-2]
-        p_pre = weights[..., :length]  # the prefix block of the full softmax (the last column is the tokens')
-        scale = ctx.scale
-        lse_k = lse.double() if q.dtype == torch.float64 else lse  # the kernel keeps float64 inputs' lse in float64
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse_k, 0.0, False, attn_mask=bias, scale=scale
-        )
-        dg = dpv = dbias = None
-        with float32(q):
-            do32 = grad_out.float()
-            need_delta = ctx.needs_input_grad[4] or (bias is not None and ctx.needs_input_grad[3])
-            delta = (do32 * out.float()).sum(dim=-1, keepdim=True) if need_delta else None
-            if ctx.needs_input_grad[4] and ctx.needs_input_grad[5]:
-                do32 = do32.contiguous()  # one copy for both GEMMs (each would copy a strided operand)
-            if ctx.needs_input_grad[4]:
-                assert delta is not None
-                dg = torch.matmul(do32, pv.float().transpose(-2, -1)).sub_(delta).mul_(p_pre)
-            if ctx.needs_input_grad[5]:  # contiguous left operand: all L + 1 rows, then drop the tokens' row
-                dpv = torch.matmul(weights.transpose(-2, -1), do32)[..., :length, :].to(pv.dtype)
-            if bias is not None and ctx.needs_input_grad[3]:
-                s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale + bias.float()
-                p_tok = torch.exp(s - lse.unsqueeze(-1))
-                assert delta is not None
-                ds = p_tok * (torch.matmul(do32, v.float().transpose(-2, -1)) - delta)
-                dbias = ds.sum_to_size(bias.shape).to(bias.dtype)
-        # q's gradient through the prefix scores flows back through g, outside this function
-        return dq, dk, dv, dbias, dg, dpv, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, bias, weights, pv, out, lse, *saved = ctx.saved_tensors
+        x = TokenInputs(q, k, v, bias, ctx.scale)
+        grads = merge_backward(ctx.kernel, x, grad, (weights, pv, out, lse, tuple(saved)), ctx.needs_input_grad)
+        return (*grads, None, None, None)
 
 
 def merge_attention(
@@ -133,13 +171,22 @@ def merge_attention(
     pv: torch.Tensor,
     bias: torch.Tensor | None,
     scale: float,
+    kernel: TokenKernel | None = None,
 ) -> torch.Tensor:
-    """`merge` for gated prefix scores `g` `(B, H, N, L)`, differentiable in every input."""
+    """`merge` for gated prefix scores `g` `(B, H, N, L)`, differentiable in every input.
+
+    The token kernel is [`token_kernel`][norga.functional.merge.token_kernel]'s for `q`'s device, dtype and bias,
+    unless `kernel` is given.
+
+    Raises:
+        ValueError: no fused token kernel for this device, dtype, head dim or GPU.
+    """
     b, h, _, _ = q.shape
     bias = _bias4d(bias, q.dtype)
+    kernel = token_kernel(q, bias) if kernel is None else kernel
     pv = pv.expand(b, h, -1, -1)
     need_lse = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, g, pv))
-    out: torch.Tensor = _MergeFunction.apply(q, k, v, bias, g, pv, scale, need_lse)
+    out: torch.Tensor = _MergeFunction.apply(q, k, v, bias, g, pv, scale, need_lse, kernel)
     return out
 
 
@@ -154,7 +201,7 @@ def merge_attention_no_grad(
     bias: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """`merge` without autograd (inference): the same equations, with a working buffer instead of temporaries.
+    """`merge` without autograd (inference, CPU): the same equations, with a working buffer instead of temporaries.
 
     After the fused token kernel, one float32 buffer of `(H, L + 1, N)` rows per sample: rows `0..L-1` hold the
     prefix scores `scale * pk . q`, computed per sample straight from the strided `q` that timm's `qkv` split
@@ -165,7 +212,7 @@ def merge_attention_no_grad(
     scores are built and gated on the whole `(B, H, N, L)` block first, exactly as on the autograd path.
     """
     bias = _bias4d(bias, q.dtype)
-    o_tok, lse_tok = _token_attention(q, k, v, bias, scale)
+    o_tok, lse_tok, _ = CPU_FLASH.forward(TokenInputs(q, k, v, bias, scale))
     b, h, n, _ = q.shape
     length = pk.shape[-2]
     with float32(q):
