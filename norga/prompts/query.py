@@ -168,21 +168,23 @@ class QueryPrompt(nn.Module):
         return QueryLayerPrompt(self, self.layers.index(layer_index))
 
     def attach(self, model: nn.Module) -> None:
-        """Register on `model` (`model.prompt_pool`) and hook the query pass onto `model.patch_embed`."""
+        """Register on `model` (`model.prompt_pool`), hook the query pass onto `model.patch_embed` and its clean-up
+        onto the end of `model`'s forward (the query is not kept past the forward it belongs to)."""
         self.train(model.training)
         model.add_module(POOL_NAME, self)
         self._model = (model,)
         embed: Any = model.patch_embed
         embed.register_forward_pre_hook(self._query_hook)
+        model.register_forward_hook(self._forward_done)
 
     def detach_from(self, model: nn.Module) -> None:
         """Undo `attach` (called by `unpatch_vit` through the layers' prompts)."""
         if getattr(model, POOL_NAME, None) is not self:
             return
         embed: Any = model.patch_embed
-        hooks = embed._forward_pre_hooks
-        for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
-            del hooks[key]
+        for hooks in (embed._forward_pre_hooks, model._forward_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
+                del hooks[key]
         delattr(model, POOL_NAME)
         self._model = ()
 
@@ -204,6 +206,10 @@ class QueryPrompt(nn.Module):
             self._querying = False
         self._query = query.detach()
         return None
+
+    def _forward_done(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._query is not None:  # assign only on a change: torch.export flags every assignment
+            self._query = None
 
     def query(self, batch: int) -> torch.Tensor:
         """The query `(B, key_dim)` of the forward under way (or given by `use_query`), in the parameters' dtype."""

@@ -416,10 +416,15 @@ def test_the_query_is_the_unprompted_models_feature():
     model = patched(DualPrompt(3, DIM))
     plain = vit()
     x = torch.randn(3, 3, 32, 32)
+    seen = []
+    hook = model.blocks[0].attn.prompt.register_forward_pre_hook(lambda m, a: seen.append(model.prompt_pool._query))
     with torch.no_grad():
         model(x)
         expected = plain.forward_head(plain.forward_features(x), pre_logits=True)
-        assert torch.equal(model.prompt_pool._query, expected)  # what the forward's query pass computed
+    hook.remove()
+    assert seen[0] is None and torch.equal(seen[1], expected)  # the query pass (no query yet), then the prompted one
+    assert model.prompt_pool._query is None  # not kept after the model's forward
+    with torch.no_grad():
         assert torch.equal(norga.prompts.compute_query(model, x), expected)  # the same float32 computation
 
 
@@ -620,6 +625,6 @@ def test_patch_and_unpatch():
     with pytest.raises(ValueError, match="already attached"):
         norga.patch_vit(vit(), prompt=method)
     norga.unpatch_vit(model)
-    assert not hasattr(model, "prompt_pool") and not model.patch_embed._forward_pre_hooks
+    assert not hasattr(model, "prompt_pool") and not model.patch_embed._forward_pre_hooks and not model._forward_hooks
     with torch.no_grad():
         assert torch.equal(model(torch.zeros(1, 3, 32, 32)), vit()(torch.zeros(1, 3, 32, 32)))
