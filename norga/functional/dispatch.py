@@ -12,7 +12,7 @@ from .flex import flex_attention, flex_available
 from .kernels import cpu_flash_available
 from .math import math_attention
 from .merge import merge_attention, merge_attention_no_grad
-from .prefix import Gate, Prefix, PrefixLike, fx_call, fx_leaf, is_traced, normalize_prefix, prefix_scores
+from .prefix import Gate, PrefixLike, fx_call, fx_leaf, is_traced, normalize_prefix, prefix_scores
 from .sdpa import sdpa_attention
 
 __all__ = ["BACKENDS", "available_backends", "prefix_attention", "select_backend"]
@@ -118,8 +118,7 @@ def prefix_attention(
     """
     if is_traced(q):  # torch.fx: one graph node, this call with the same arguments at run time
         kwargs = dict(gate=gate, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p, backend=backend)
-        fields = tuple(prefix) if isinstance(prefix, Prefix) else prefix  # no NamedTuple in the graph: see fx_leaf
-        return fx_call(prefix_attention, q, q, k, v, fields, **kwargs)
+        return fx_call(prefix_attention, q, q, k, v, prefix, **kwargs)
     if isinstance(gate, str) or (gate is not None and not callable(gate)):
         gate = resolve_gate(gate)  # a name, or a clear TypeError
     check_attention_inputs(q, k, v, attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)

@@ -78,12 +78,19 @@ def fx_call(fn: Callable[..., Any], proxy: object, *args: Any, **kwargs: Any) ->
     The graph calls `fn` at run time with these arguments (their values in place of the proxies), so it
     computes exactly what eager computes, including choices that depend on values, shapes or the device (a
     backend, a mask's resolution), which tracing cannot see. Submodules and parameters of the traced module
-    are looked up at run time.
+    are looked up at run time. `fn` itself makes this call when its first argument is a proxy, so that the
+    graph's code, traced again (as unpickling a `GraphModule` does), records the same node.
+
+    A [`Prefix`][norga.functional.Prefix] argument goes in as the tuple of its fields (which
+    [`normalize_prefix`][norga.functional.normalize_prefix] accepts): TorchScript cannot read the NamedTuple in a
+    graph's code, and scripting the graph must reach norga's message (see
+    [`fx_leaf`][norga.functional.prefix.fx_leaf]).
 
     Raises:
         TypeError: an argument that a graph cannot hold (a callable that is not a submodule of the traced
             module, for example): the trace stops; the traced module is unchanged.
     """
+    args = tuple(tuple(a) if isinstance(a, Prefix) else a for a in args)
     try:
         return cast(torch.fx.Proxy, proxy).tracer.create_proxy("call_function", fn, args, kwargs)
     except (NotImplementedError, NameError) as e:  # torch.fx's create_arg, on an argument it cannot store

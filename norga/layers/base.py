@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_mask, refuse_torchscript
-from ..functional import BACKENDS, Prefix, PrefixLike, attention_bias, is_traced, prefix_attention
+from ..functional import BACKENDS, PrefixLike, attention_bias, is_traced, prefix_attention
 from ..functional.prefix import fx_call, fx_leaf
 from ..gates import NoRGaGate, resolve_gate
 
@@ -44,14 +44,17 @@ def attend(
     with one, [`prefix_attention`][norga.functional.prefix_attention] with `backend` (`"math"` if not `fused`).
     `attn_mask` (a float bias or boolean mask, SDPA semantics) and `is_causal` act on the token keys only.
 
-    One function for eager and `torch.fx`: a traced layer records a call of it with the same arguments (see
-    [`PrefixAttentionMixin`][norga.layers.PrefixAttentionMixin]), so that the graph computes what eager computes,
-    bit for bit, the mask's resolution and the backend selection included.
+    One function for eager and `torch.fx`: traced, it records a graph node that calls it with the same arguments
+    at run time, so that the graph computes what eager computes, bit for bit, the mask's resolution and the
+    backend selection included.
 
     Raises:
         TypeError: a mask of a wrong type.
         ValueError: a mask of a wrong shape, or both a mask and `is_causal`.
     """
+    if is_traced(q):  # torch.fx: one graph node, this call with the same arguments at run time
+        args = (q, k, v, prefix, gate, scale, attn_mask, is_causal, dropout_p, fused, backend)
+        return fx_call(attend, q, *args)
     check_mask("attn_mask", attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     bias = attention_bias(attn_mask, q.shape[2], is_causal, q)
     if prefix is None:  # timm's computation
@@ -123,19 +126,14 @@ class PrefixAttentionMixin:
 
         The prefix is `prefix`, else the prompt's (if any); with none, timm's computation. `attn_mask` (a float
         bias or boolean mask, SDPA semantics) and `is_causal` act on the token keys only: prefix columns stay
-        visible. The attention itself is [`attend`][norga.layers.base.attend], also under `torch.fx`.
+        visible. The prompt is called here (under `torch.fx` its operations are traced); the attention is
+        [`attend`][norga.layers.base.attend] (under `torch.fx` one graph node that calls it).
         """
         dropout_p = self.attn_drop.p if self.training else 0.0
         if prefix is None and self.prompt is not None:
             prefix = self.prompt(q)
-        args = (q, k, v, prefix, self.prefix_gate, self.scale, attn_mask, is_causal, dropout_p, self.fused_attn)
-        if is_traced(q):
-            # torch.fx: the prompt's operations are traced; the attention is one node, a call of `attend` with these
-            # arguments at run time. A Prefix goes in as the tuple of its fields: TorchScript cannot read a
-            # NamedTuple in a graph's code, and scripting the graph must reach norga's message (see `fx_leaf`).
-            fields = tuple(prefix) if isinstance(prefix, Prefix) else prefix
-            return fx_call(attend, q, q, k, v, fields, *args[4:], self.backend)
-        return attend(*args, self.backend)
+        gate, scale, fused, backend = self.prefix_gate, self.scale, self.fused_attn, self.backend
+        return attend(q, k, v, prefix, gate, scale, attn_mask, is_causal, dropout_p, fused, backend)
 
     def _prefix_repr(self) -> str:
         gate = "linear" if self.prefix_gate is None else type(self.prefix_gate).__name__
