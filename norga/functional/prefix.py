@@ -88,7 +88,7 @@ def fx_call(fn: Callable[..., Any], proxy: object, *args: Any, **kwargs: Any) ->
 
     Raises:
         TypeError: an argument that a graph cannot hold (a callable that is not a submodule of the traced
-            module, for example): the trace stops; the traced module is unchanged.
+            module, for example): the trace stops there.
     """
     args = tuple(tuple(a) if isinstance(a, Prefix) else a for a in args)
     try:
