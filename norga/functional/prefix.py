@@ -81,7 +81,7 @@ def fx_call(fn: Callable[..., Any], proxy: object, *args: Any, **kwargs: Any) ->
     are looked up at run time. `fn` itself makes this call when its first argument is a proxy, so that the
     graph's code, traced again (as unpickling a `GraphModule` does), records the same node.
 
-    A [`Prefix`][norga.functional.Prefix] argument goes in as the tuple of its fields (which
+    A [`Prefix`][norga.functional.Prefix] argument goes in as the tuple of its four fields (which
     [`normalize_prefix`][norga.functional.normalize_prefix] accepts): TorchScript cannot read the NamedTuple in a
     graph's code, and scripting the graph must reach norga's message (see
     [`fx_leaf`][norga.functional.prefix.fx_leaf]).
@@ -134,9 +134,9 @@ def normalize_prefix(
     (`"... l (h d) -> ... h l d"`) and never projected.
 
     Args:
-        prefix: A [`Prefix`][norga.functional.Prefix], a `(key, value)` pair or a tuple of a `Prefix`'s fields
-            `(key, value, logits[, indices])` (as `torch.fx` graphs pass it); key and value each `(L, dim)`,
-            `(B, L, dim)` or `(B, H, L, D)`.
+        prefix: A [`Prefix`][norga.functional.Prefix], a `(key, value)` pair, or `tuple(p)` of a `Prefix` `p`
+            (its four fields, as `torch.fx` graphs pass it); key and value each `(L, dim)`, `(B, L, dim)` or
+            `(B, H, L, D)`.
         batch: The attention batch size `B`.
         num_heads: `H`.
         head_dim: `D`.
@@ -150,11 +150,11 @@ def normalize_prefix(
         ValueError: the shapes do not match (the message names the expected and the given shape).
     """
     check_prefix_dims(batch, num_heads, head_dim, num_queries)
-    if isinstance(prefix, (tuple, list)) and 2 <= len(prefix) <= len(Prefix._fields):
+    if isinstance(prefix, (tuple, list)) and len(prefix) in (2, len(Prefix._fields)):  # a pair, or tuple(a Prefix)
         key, value, logits, indices = Prefix(*prefix)
     else:
         raise TypeError(
-            "prefix must be a norga.Prefix or a (key, value) pair of tensors (or a tuple of a Prefix's fields), got "
+            "prefix must be a norga.Prefix or a (key, value) pair of tensors (or tuple(prefix) of a Prefix), got "
             f"{type(prefix).__name__}" + (f" of length {len(prefix)}" if isinstance(prefix, (tuple, list)) else "")
         )
     if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):

@@ -219,19 +219,17 @@ def test_prefix_shape_errors():
 
 
 def test_a_tuple_of_a_prefixs_fields_is_that_prefix():
-    """`(key, value, logits[, indices])` (as torch.fx graphs pass a Prefix) is normalised as the Prefix itself;
-    another length is a TypeError naming it."""
+    """`tuple(prefix)`, its four fields (as torch.fx graphs pass a Prefix), is normalised as the Prefix itself;
+    another length (a pair with logits, say) is a TypeError naming it."""
     key, value, logits = torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.randn(2, 4, 1, 5)
-    indices = torch.arange(5)
-    for fields in ((key, value, logits), (key, value, logits, indices)):
-        got, want = normalize_prefix(fields, 2, 4, 8, 7), normalize_prefix(Prefix(*fields), 2, 4, 8, 7)
-        assert type(got) is Prefix
-        for g, w in zip(got, want):
-            assert (g is None and w is None) or torch.equal(g, w), f"{len(fields)} fields"
-    with pytest.raises(TypeError, match=r"a tuple of a Prefix's fields\), got tuple of length 5"):
-        normalize_prefix((key, value, logits, indices, indices), 2, 4, 8)
-    with pytest.raises(TypeError, match=r"got tuple of length 1"):
-        normalize_prefix((key,), 2, 4, 8)
+    prefix = Prefix(key, value, logits, torch.arange(5))
+    got, want = normalize_prefix(tuple(prefix), 2, 4, 8, 7), normalize_prefix(prefix, 2, 4, 8, 7)
+    assert type(got) is Prefix
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    for length in (1, 3, 5):
+        with pytest.raises(TypeError, match=rf"tuple\(prefix\) of a Prefix\), got tuple of length {length}"):
+            normalize_prefix((key, value, logits, logits, logits)[:length], 2, 4, 8)
 
 
 def _softmax_gate(s):
