@@ -1,14 +1,15 @@
 """norga: prompt experts (prefix tuning, NoRGa, SMoPE) for stock timm vision transformers.
 
->>> import timm, norga
->>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
->>> pool = norga.PrefixPool(num_tasks=5, num_layers=5, length=5, dim=192)
->>> model = norga.patch_vit(model, gate=norga.NoRGaGate("tanh"), prompt=pool)
-
 The package in floors, each importing only those below it: `_checks` (argument validation), `gates`,
 `functional` (prefix attention and its backends), `layers` (timm attention classes with prompt experts),
 `prompts` (prompt modules and their training helpers), `patch` (patching timm models), then `checkpoint`,
 `migrate` and `distributed`; `cl`, the continual-learning toolkit, stands apart. See docs/architecture.md.
+
+Examples:
+    >>> import timm, norga
+    >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    >>> pool = norga.PrefixPool(num_tasks=5, num_layers=5, length=5, dim=192)
+    >>> model = norga.patch_vit(model, gate=norga.NoRGaGate("tanh"), prompt=pool)
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ wrong result (the fused CPU kernel does not check that `k` and `v` match `q`).
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Sequence
@@ -169,9 +170,11 @@ def check_prefix_dims(batch: object, num_heads: object, head_dim: object, num_qu
 
 
 def refuse_torchscript(module: object) -> NoReturn:
-    """`__prepare_scriptable__` of norga's modules: `torch.jit.script` calls it first, on every submodule."""
+    """`__prepare_scriptable__` of norga's modules (`torch.jit.script` calls it first, on every submodule) and of
+    the functions that `torch.fx` graphs of patched models call (called on each function it compiles)."""
+    what = f"{module.__module__}.{module.__qualname__}" if inspect.isfunction(module) else type(module).__name__
     raise NotImplementedError(
-        f"norga: TorchScript is not supported ({type(module).__name__} cannot be scripted). Use torch.export.export"
+        f"norga: TorchScript is not supported ({what} cannot be scripted). Use torch.export.export"
         "(model, (x,)) or torch.compile(model) instead (both work with prompts), or norga.unpatch_vit(model) to "
         "script the plain timm model"
     )

@@ -133,8 +133,8 @@ def all_reduce_grads(params: Sequence[nn.Parameter], *, group: dist.ProcessGroup
 
     Args:
         params: A list or tuple in the same order on every rank (e.g.
-        [`scalar_parameters`][norga.distributed.scalar_parameters]); a
-            `set` is refused because its order differs between processes.
+            [`scalar_parameters`][norga.distributed.scalar_parameters]); a `set` is refused because its order
+            differs between processes.
         group: Process group (default: the world).
 
     Parameters without a gradient on every rank are skipped.

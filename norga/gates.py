@@ -64,7 +64,7 @@ class NoRGaGate(nn.Module):
     Shape:
         Any shape in, the same shape out, in the input's dtype.
 
-    Example:
+    Examples:
         >>> gate = NoRGaGate("tanh", alpha=1.0, tau=1.0)
         >>> gate(torch.zeros(2, 3))
         tensor([[0., 0., 0.],

@@ -16,6 +16,10 @@ Markers are HTML comments (hidden in the rendered docs) on the line just before 
 A block whose first line starts with ``>>>`` runs as a doctest (shown output is compared). Any other marker,
 a marker not followed by a python block, an unknown setup or a skip without a reason fails.
 
+The docstrings' ``>>>`` examples run as doctests too, and must sit in a Google-style ``Examples:`` section,
+which the API reference renders as code (``hooks/rendered_text.py`` also fails the build on a doctest rendered as
+quotes).
+
 Always on, for every block (the tiny stand-ins that keep this module fast on 2 CPU cores):
 
 * ``timm.create_model`` builds the models of ``SMALL_MODELS``: ``vit_base_patch16_224`` keeps its width
@@ -666,22 +670,108 @@ def test_a_wrong_signature_fails() -> None:
         check_signature(block)
 
 
-def test_docs_hook_refuses_restructuredtext_shown_as_text():
-    """hooks/rendered_text.py (run by `mkdocs build`) fails on a Sphinx role or a `::` literal-block marker
-    in a page's text, and ignores code."""
-    pytest.importorskip("mkdocs")
+def _rendered_text_hook() -> Any:
+    """hooks/rendered_text.py (run by `mkdocs build`), loaded as a module."""
     import importlib.util
+
+    path = ROOT / "hooks" / "rendered_text.py"
+    spec = importlib.util.spec_from_file_location("rendered_text", path)
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    return hook
+
+
+def test_docs_hook_refuses_restructuredtext_shown_as_text():
+    """The hook fails on a Sphinx role or a `::` literal-block marker in a page's text, and ignores code."""
+    pytest.importorskip("mkdocs")
     from types import SimpleNamespace
 
     from mkdocs.exceptions import PluginError
 
-    path = Path(__file__).resolve().parents[1] / "hooks" / "rendered_text.py"
-    spec = importlib.util.spec_from_file_location("rendered_text", path)
-    hook = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hook)
+    hook = _rendered_text_hook()
     page = SimpleNamespace(file=SimpleNamespace(src_uri="api.md"))
     clean = "<p>See <code>a[::2]</code> and <a href='#x'>Prefix</a>.</p><pre><code>x :class:`y`</code></pre>"
     assert hook.on_post_page(clean, page, None) == clean
     for bad in ("<p>A :class:`norga.Prefix` here.</p>", "<p>Example::</p>", "<p>Use :func:`f`.</p>"):
         with pytest.raises(PluginError, match="reStructuredText shown as text"):
             hook.on_post_page(bad, page, None)
+
+
+def test_docs_hook_refuses_doctests_shown_as_quotes():
+    """The hook fails on a `>>>` example that markdown rendered (three nested block quotes, as an `Example:`
+    admonition gives, or the prompt left in text) and passes one rendered as code (an `Examples:` section)."""
+    markdown = pytest.importorskip("markdown")
+    pytest.importorskip("mkdocs")
+    from types import SimpleNamespace
+
+    from mkdocs.exceptions import PluginError
+
+    hook = _rendered_text_hook()
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="api.md"))
+    code = '<div class="highlight"><pre><code><span class="gp">&gt;&gt;&gt; </span>gate(s)\n</code></pre></div>'
+    assert hook.on_post_page(code, page, None) == code
+    quoted = markdown.markdown(">>> gate = NoRGaGate()\n>>> gate(s)")  # what the API page showed
+    assert quoted.count("<blockquote>") == 3
+    for bad in (quoted, "<table><tr><td>&gt;&gt;&gt; gate(s)</td></tr></table>"):
+        with pytest.raises(PluginError, match="a doctest shown as nested quotes or text"):
+            hook.on_post_page(bad, page, None)
+
+
+def _norga_objects() -> Iterator[Any]:
+    """Every module, class, function and attribute of norga as griffe (mkdocstrings' reader) loads them, with
+    their docstrings parsed Google style as the API reference does (imported names skipped)."""
+    griffe = pytest.importorskip("griffe")
+
+    def walk(obj: Any) -> Iterator[Any]:
+        yield obj
+        for member in obj.members.values():
+            if not member.is_alias:
+                yield from walk(member)
+
+    yield from walk(griffe.load("norga", search_paths=[str(ROOT)], docstring_parser="google"))
+
+
+def test_docstring_examples_are_in_examples_sections():
+    """Every `>>>` line of a docstring is in a Google-style `Examples:` section, which mkdocstrings renders as
+    code; anywhere else (the text, an `Example:` admonition) markdown renders it as nested quotes."""
+    griffe = pytest.importorskip("griffe")
+
+    def prompts(text: str) -> int:
+        return sum(line.lstrip().startswith(">>>") for line in text.splitlines())
+
+    checked, wrong = 0, []
+    for obj in _norga_objects():
+        if obj.docstring is None or not prompts(obj.docstring.value):
+            continue
+        in_examples = sum(
+            prompts(text)
+            for section in obj.docstring.parsed
+            if section.kind is griffe.DocstringSectionKind.examples
+            for kind, text in section.value
+            if kind is griffe.DocstringSectionKind.examples
+        )
+        checked += 1
+        if in_examples != prompts(obj.docstring.value):
+            wrong.append(obj.path)
+    assert checked >= 3, "no docstring examples found: the check looks at nothing"
+    assert not wrong, f"`>>>` outside an `Examples:` section (rendered as nested quotes): {wrong}"
+
+
+def test_docstring_examples_run():
+    """The docstrings' examples are doctests: each runs in its module's namespace and shows its real output."""
+    import pkgutil
+
+    import norga
+
+    names = ["norga"] + [
+        m.name for m in pkgutil.walk_packages(norga.__path__, "norga.") if m.name != "norga.info.__main__"
+    ]
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = [t for name in names for t in doctest.DocTestFinder().find(importlib.import_module(name)) if t.examples]
+    assert len(tests) >= 3, "no docstring examples found"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        for test in tests:
+            runner.run(test)
+    assert runner.failures == 0, f"{runner.failures} docstring example(s) failed (the output above shows which)"

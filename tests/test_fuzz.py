@@ -337,7 +337,7 @@ def _corrupt(name, q, k, v, prefix, kw):
         return (q, k, v, (bad, bad), kw), [f"B={B}", str(B + 2)]
     if name == "prefix_1d":
         bad = torch.randn(H * D)
-        return (q, k, v, (bad, bad), kw), [_shape(H * D).replace(")", ",)").replace(",,", ",")]
+        return (q, k, v, (bad, bad), kw), [f"got {_shape(H * D)}"]  # shape_str's format: "(6)"
     if name == "prefix_int":
         bad = torch.ones(3, H * D, dtype=torch.long)
         return (q, k, v, (torch.randn(3, H * D), bad), kw), ["floating", "int64"]

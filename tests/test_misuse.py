@@ -177,6 +177,12 @@ CASES: list[tuple[str, Callable[[Path], Any], type[BaseException], list[str]]] =
     ),
     ("read_prompt_metadata missing file", lambda t: read_prompt_metadata(t / "nope.st"), FileNotFoundError, ["nope"]),
     ("torch.jit.script", lambda t: torch.jit.script(_pooled()), NotImplementedError, ["TorchScript", "torch.export"]),
+    (
+        "torch.jit.script prefix_attention",
+        lambda t: torch.jit.script(norga.prefix_attention),
+        NotImplementedError,
+        [r"TorchScript is not supported \(norga.functional.dispatch.prefix_attention cannot", "torch.export"],
+    ),
 ]
 
 

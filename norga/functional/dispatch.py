@@ -10,9 +10,9 @@ from ..gates import resolve_gate
 from .cuda import cuda_kernel, cuda_kernels_available
 from .flex import flex_attention, flex_available
 from .kernels import cpu_flash_available
-from .math import math_attention, traced_attention
+from .math import math_attention
 from .merge import merge_attention, merge_attention_no_grad
-from .prefix import Gate, PrefixLike, is_traced, normalize_prefix, prefix_scores
+from .prefix import Gate, PrefixLike, fx_call, fx_leaf, is_traced, normalize_prefix, prefix_scores
 from .sdpa import sdpa_attention
 
 __all__ = ["BACKENDS", "available_backends", "prefix_attention", "select_backend"]
@@ -68,6 +68,7 @@ def select_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.
     return backend
 
 
+@fx_leaf
 def prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,7 +86,9 @@ def prefix_attention(
     For a query row `i`, `o_i = softmax([g(s_i1), ..., g(s_iL), t_i1, ..., t_iM]) @ [pv; v]` with prefix scores
     `s_il = scale * q_i . pk_l` (or the prefix's `logits`), the gate `g` and token scores
     `t_ij = scale * q_i . k_j + bias_ij`. Prefix scores, the gate and the softmax statistics are float32 (with
-    autocast off for them); the output has the dtype of `v`.
+    autocast off for them); the output has the dtype of `v`. Under `torch.fx` symbolic tracing the call is one
+    graph node that calls `prefix_attention` with the same arguments at run time (backend selection included),
+    so a traced module computes what the eager one does, bit for bit.
 
     Args:
         q: Queries `(B, H, N, D)`.
@@ -109,13 +112,15 @@ def prefix_attention(
         `(B, H, N, D)` in the dtype of `v`.
 
     Raises:
-        TypeError: a wrong type of tensor, gate or number.
+        TypeError: a wrong type of tensor, gate or number; under `torch.fx`, a gate that is neither a name nor a
+            module of the traced module.
         ValueError: mismatched shapes, devices or values, or a backend that cannot run here.
     """
+    if is_traced(q):  # torch.fx: one graph node, this call with the same arguments at run time
+        kwargs = dict(gate=gate, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p, backend=backend)
+        return fx_call(prefix_attention, q, q, k, v, prefix, **kwargs)
     if isinstance(gate, str) or (gate is not None and not callable(gate)):
         gate = resolve_gate(gate)  # a name, or a clear TypeError
-    if is_traced(q):
-        return traced_attention(q, k, v, prefix, gate, scale, attn_bias, False, dropout_p)
     check_attention_inputs(q, k, v, attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale

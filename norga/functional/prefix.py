@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, ContextManager, NamedTuple, Optional, Union
+from typing import Any, ContextManager, NamedTuple, Optional, TypeVar, Union, cast
 
 import torch
 from einops import rearrange
 from timm.layers import resolve_self_attn_mask
 
-from .._checks import check_prefix_dims, shape_str
+from .._checks import check_prefix_dims, refuse_torchscript, shape_str
 
 __all__ = [
     "Gate",
     "Prefix",
     "PrefixLike",
     "attention_bias",
+    "fx_call",
+    "fx_leaf",
     "is_traced",
     "merge_heads",
     "normalize_prefix",
@@ -55,6 +58,48 @@ def is_traced(t: object) -> bool:
     return isinstance(t, torch.fx.Proxy)
 
 
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def fx_leaf(fn: _Fn) -> _Fn:
+    """Mark `fn` as a function that [`fx_call`][norga.functional.prefix.fx_call] records as one `torch.fx` node.
+
+    `torch.jit.script` of a graph that calls it then raises norga's TorchScript message: TorchScript calls the
+    `__prepare_scriptable__` of each function it compiles, before reading its code.
+    """
+    fn.__dict__["__prepare_scriptable__"] = functools.partial(refuse_torchscript, fn)
+    return fn
+
+
+def fx_call(fn: Callable[..., Any], proxy: object, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` recorded as one node of the graph that `proxy` (a `torch.fx.Proxy`, see
+    [`is_traced`][norga.functional.is_traced]) is traced into, its body not traced.
+
+    The graph calls `fn` at run time with these arguments (their values in place of the proxies), so it
+    computes exactly what eager computes, including choices that depend on values, shapes or the device (a
+    backend, a mask's resolution), which tracing cannot see. Submodules and parameters of the traced module
+    are looked up at run time. `fn` itself makes this call when its first argument is a proxy, so that the
+    graph's code, traced again (as unpickling a `GraphModule` does), records the same node.
+
+    A [`Prefix`][norga.functional.Prefix] argument goes in as the tuple of its four fields (which
+    [`normalize_prefix`][norga.functional.normalize_prefix] accepts): TorchScript cannot read the NamedTuple in a
+    graph's code, and scripting the graph must reach norga's message (see
+    [`fx_leaf`][norga.functional.prefix.fx_leaf]).
+
+    Raises:
+        TypeError: an argument that a graph cannot hold (a callable that is not a submodule of the traced
+            module, for example): the trace stops there.
+    """
+    args = tuple(tuple(a) if isinstance(a, Prefix) else a for a in args)
+    try:
+        return cast(torch.fx.Proxy, proxy).tracer.create_proxy("call_function", fn, args, kwargs)
+    except (NotImplementedError, NameError) as e:  # torch.fx's create_arg, on an argument it cannot store
+        raise TypeError(
+            f"torch.fx records {fn.__qualname__} as one graph node, so its arguments must be tensors, numbers, "
+            f"strings, None, or modules and parameters of the traced module ({e})"
+        ) from e
+
+
 def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fused projection `(B, N, 3 * H * D)` as `q, k, v`, each `(B, H, N, D)` (timm's layout)."""
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
@@ -89,8 +134,9 @@ def normalize_prefix(
     (`"... l (h d) -> ... h l d"`) and never projected.
 
     Args:
-        prefix: A [`Prefix`][norga.functional.Prefix] or a `(key, value)` pair, each `(L, dim)`, `(B, L, dim)`
-            or `(B, H, L, D)`.
+        prefix: A [`Prefix`][norga.functional.Prefix], a `(key, value)` pair, or `tuple(p)` of a `Prefix` `p`
+            (its four fields, as `torch.fx` graphs pass it); key and value each `(L, dim)`, `(B, L, dim)` or
+            `(B, H, L, D)`.
         batch: The attention batch size `B`.
         num_heads: `H`.
         head_dim: `D`.
@@ -104,12 +150,13 @@ def normalize_prefix(
         ValueError: the shapes do not match (the message names the expected and the given shape).
     """
     check_prefix_dims(batch, num_heads, head_dim, num_queries)
-    if isinstance(prefix, Prefix):
-        key, value, logits, indices = prefix
-    elif isinstance(prefix, (tuple, list)) and len(prefix) == 2:
-        (key, value), logits, indices = prefix, None, None
+    if isinstance(prefix, (tuple, list)) and len(prefix) in (2, len(Prefix._fields)):  # a pair, or tuple(a Prefix)
+        key, value, logits, indices = Prefix(*prefix)
     else:
-        raise TypeError(f"prefix must be a norga.Prefix or a (key, value) pair of tensors, got {type(prefix).__name__}")
+        raise TypeError(
+            "prefix must be a norga.Prefix or a (key, value) pair of tensors (or tuple(prefix) of a Prefix), got "
+            f"{type(prefix).__name__}" + (f" of length {len(prefix)}" if isinstance(prefix, (tuple, list)) else "")
+        )
     if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
         raise TypeError(f"prefix key and value must be tensors, got {type(key).__name__} and {type(value).__name__}")
     if key.shape != value.shape:

@@ -45,7 +45,7 @@ class PrefixMoEAttention(PrefixAttentionMixin, Attention):  # type: ignore[misc]
         `x`: `(B, N, dim)`; prefix key and value: `(L, H * D)`, `(B, L, H * D)` or `(B, H, L, D)`; output
         `(B, N, dim_out)`.
 
-    Example:
+    Examples:
         >>> attn = PrefixMoEAttention(64, num_heads=4, gate=NoRGaGate("tanh"))
         >>> x = torch.randn(2, 10, 64)
         >>> attn(x, prefix=(torch.randn(5, 64), torch.randn(5, 64))).shape

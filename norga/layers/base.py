@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_mask, refuse_torchscript
-from ..functional import BACKENDS, Prefix, PrefixLike, attention_bias, is_traced, prefix_attention
-from ..functional.math import traced_attention
+from ..functional import BACKENDS, PrefixLike, attention_bias, is_traced, prefix_attention
+from ..functional.prefix import fx_call, fx_leaf
 from ..gates import NoRGaGate, resolve_gate
 
-__all__ = ["PrefixAttentionMixin", "attention_width"]
+__all__ = ["PrefixAttentionMixin", "attend", "attention_width"]
 
 
 def attention_width(attn: nn.Module) -> int:
@@ -22,6 +22,62 @@ def attention_width(attn: nn.Module) -> int:
     proj = qkv if qkv is not None else attn.q_proj
     out = int(cast(nn.Linear, proj).weight.shape[0])
     return out // 3 if qkv is not None else out
+
+
+@fx_leaf
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: PrefixLike | None,
+    gate: nn.Module | None,
+    scale: float,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    fused: bool,
+    backend: str,
+) -> torch.Tensor:
+    """A patched layer's attention of `q` over `[prefix; k]`, `q, k, v` `(B, H, N, D)`, once its prefix is known.
+
+    With no prefix, timm's computation (`F.scaled_dot_product_attention` if `fused`, else its explicit softmax);
+    with one, [`prefix_attention`][norga.functional.prefix_attention] with `backend` (`"math"` if not `fused`).
+    `attn_mask` (a float bias or boolean mask, SDPA semantics) and `is_causal` act on the token keys only.
+
+    One function for eager and `torch.fx`: traced, it records a graph node that calls it with the same arguments
+    at run time, so that the graph computes what eager computes, bit for bit, the mask's resolution and the
+    backend selection included.
+
+    Raises:
+        TypeError: a mask of a wrong type.
+        ValueError: a mask of a wrong shape, or both a mask and `is_causal`.
+    """
+    if is_traced(q):  # torch.fx: one graph node, this call with the same arguments at run time
+        args = (q, k, v, prefix, gate, scale, attn_mask, is_causal, dropout_p, fused, backend)
+        return fx_call(attend, q, *args)
+    check_mask("attn_mask", attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    bias = attention_bias(attn_mask, q.shape[2], is_causal, q)
+    if prefix is None:  # timm's computation
+        if fused:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
+            )
+        attn = (q * scale) @ k.transpose(-2, -1)
+        attn = (attn if bias is None else attn + bias).softmax(dim=-1)
+        if dropout_p > 0.0:  # timm's attn_drop in training
+            attn = F.dropout(attn, p=dropout_p)
+        return attn @ v
+    return prefix_attention(
+        q,
+        k,
+        v,
+        prefix,
+        gate=gate,
+        scale=scale,
+        attn_bias=bias,
+        dropout_p=dropout_p,
+        backend=backend if fused else "math",
+    )
 
 
 class PrefixAttentionMixin:
@@ -70,35 +126,14 @@ class PrefixAttentionMixin:
 
         The prefix is `prefix`, else the prompt's (if any); with none, timm's computation. `attn_mask` (a float
         bias or boolean mask, SDPA semantics) and `is_causal` act on the token keys only: prefix columns stay
-        visible.
+        visible. The prompt is called here (under `torch.fx` its operations are traced); the attention is
+        [`attend`][norga.layers.base.attend] (under `torch.fx` one graph node that calls it).
         """
         dropout_p = self.attn_drop.p if self.training else 0.0
         if prefix is None and self.prompt is not None:
             prefix = self.prompt(q)
-        if is_traced(q):  # torch.fx: the mask and is_causal may be graph inputs, shapes are symbolic
-            p = None if prefix is None else prefix if isinstance(prefix, Prefix) else Prefix(*prefix)
-            return traced_attention(q, k, v, p, self.prefix_gate, self.scale, attn_mask, is_causal, dropout_p)
-        check_mask("attn_mask", attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
-        bias = attention_bias(attn_mask, q.shape[2], is_causal, q)
-        if prefix is None:  # timm's computation
-            if self.fused_attn:
-                return F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
-                )
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = self.attn_drop((attn if bias is None else attn + bias).softmax(dim=-1))
-            return attn @ v
-        return prefix_attention(
-            q,
-            k,
-            v,
-            prefix,
-            gate=self.prefix_gate,
-            scale=self.scale,
-            attn_bias=bias,
-            dropout_p=dropout_p,
-            backend=self.backend if self.fused_attn else "math",
-        )
+        gate, scale, fused, backend = self.prefix_gate, self.scale, self.fused_attn, self.backend
+        return attend(q, k, v, prefix, gate, scale, attn_mask, is_causal, dropout_p, fused, backend)
 
     def _prefix_repr(self) -> str:
         gate = "linear" if self.prefix_gate is None else type(self.prefix_gate).__name__

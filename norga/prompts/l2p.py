@@ -12,8 +12,8 @@ from .query import QueryPrompt, check_even, cosine, keyed_prompts, split_prompt
 
 __all__ = ["L2P", "L2P_DEEP_LAYERS", "PULL_LOSSES"]
 
-#: Deep L2P++ prompts blocks 0-4 (the authors' `prompt_param[2] > 0`); shallow L2P++ is `layers=(0,)`.
 L2P_DEEP_LAYERS: tuple[int, ...] = (0, 1, 2, 3, 4)
+"""Deep L2P++ prompts blocks 0-4 (the authors' `prompt_param[2] > 0`); shallow L2P++ is `layers=(0,)`."""
 #: How the key pull loss pairs queries and keys: `"cross"` as the authors' code, `"own"` per sample.
 PULL_LOSSES = ("cross", "own")
 

@@ -36,8 +36,8 @@ __all__ = ["SMOPE_DEFAULT_LAYERS", "SMoPE", "SMoPEFactory", "smope_factory"]
 #: The largest expert tensor (`H * E * D` elements) SMoPE builds: 2**31 - 1, 8 GiB of float32.
 _MAX_EXPERT_ELEMENTS = 2**31 - 1
 
-#: SMoPE prompts blocks 0-5.
 SMOPE_DEFAULT_LAYERS: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+"""SMoPE prompts blocks 0-5."""
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:
@@ -87,9 +87,8 @@ class SMoPE(nn.Module):
     Attributes:
         keys, values: `nn.Parameter` `(H, E, D)`, initialised `U[0, 1)` as the authors do.
         dense: When `True` every expert is used (the first task's dense warm-up).
-        counting: When `True` (set by [`count_usage`][norga.prompts.count_usage]) each forward adds its noise-free top
-        `K`
-            selections to `usage`.
+        counting: When `True` (set by [`count_usage`][norga.prompts.count_usage]) each forward adds its
+            noise-free top `K` selections to `usage`.
     """
 
     __prepare_scriptable__ = refuse_torchscript

@@ -218,6 +218,20 @@ def test_prefix_shape_errors():
         normalize_prefix(Prefix(torch.randn(5, 32), torch.randn(5, 32), torch.randn(2, 4, 3, 5)), 2, 4, 8, 7)
 
 
+def test_a_tuple_of_a_prefixs_fields_is_that_prefix():
+    """`tuple(prefix)`, its four fields (as torch.fx graphs pass a Prefix), is normalised as the Prefix itself;
+    another length (a pair with logits, say) is a TypeError naming it."""
+    key, value, logits = torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.randn(2, 4, 1, 5)
+    prefix = Prefix(key, value, logits, torch.arange(5))
+    got, want = normalize_prefix(tuple(prefix), 2, 4, 8, 7), normalize_prefix(prefix, 2, 4, 8, 7)
+    assert type(got) is Prefix
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    for length in (1, 3, 5):
+        with pytest.raises(TypeError, match=rf"tuple\(prefix\) of a Prefix\), got tuple of length {length}"):
+            normalize_prefix((key, value, logits, logits, logits)[:length], 2, 4, 8)
+
+
 def _softmax_gate(s):
     """Shape-preserving but not elementwise: must see exactly the L prefix columns on every path."""
     return torch.softmax(s, dim=-1) * 3.0

@@ -605,7 +605,7 @@ def test_fx_compile_deepcopy_and_pickle():
     with torch.no_grad():
         expected = model(x)
         traced = torch.fx.symbolic_trace(model)
-        assert_within(traced(x), expected, 1e3 * U * float(expected.abs().max()))  # fx traces the math backend
+        assert torch.equal(traced(x), expected)  # the graph calls the eager attention function
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         assert_within(compiled(x), expected, 1e3 * U * float(expected.abs().max()))
         for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
