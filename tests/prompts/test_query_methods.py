@@ -651,3 +651,50 @@ def test_compiled_training_forward_gives_the_losses_and_gradients():
     for a, b in zip(compiled, eager):
         assert_within(a, b, 1e3 * U * float(b.abs().max()))
     assert bool((eager[1][:, 2:4] != 0).any()) and bool((eager[1][:, :2] == 0).all())
+
+
+# ------------------------------------------------------------------------------------------ hand-checkable
+def test_hand_checkable_selections_and_losses():
+    """Keys along the axes and queries of known directions: every selection, prefix and loss is written out."""
+    eye = torch.eye(4)
+    l2p = L2P(1, 4, pool_size=4, length=2, top_k=2, layers=(0,), key_dim=4).train()
+    dual = DualPrompt(2, 4, pool_size=2, e_length=2, g_length=2, g_layers=(), e_layers=(0,), key_dim=4)
+    with torch.no_grad():
+        l2p.keys[0] = eye
+        l2p.prompts[0] = torch.arange(4.0).view(4, 1, 1).expand(4, 2, 4)  # prompt m is all m
+        dual.e_keys[0] = eye[:2]
+        dual.e_prompts[0] = torch.arange(2.0).view(2, 1, 1).expand(2, 2, 4)
+    q = torch.tensor([[0.0, 3.0, 0.0, 4.0], [4.0, 0.0, 3.0, 0.0]])  # cosines: [0, .6, 0, .8] and [.8, 0, .6, 0]
+    key, value, loss = l2p.layer_prefix(0, q)
+    assert key[:, :, 0].tolist() == [[3.0, 1.0], [0.0, 2.0]] and torch.equal(value, key)  # the top 2, in order
+    # the authors' cross pull: sum over samples b and every sample's picks j of (1 - cos[b, j]):
+    # sample 0 against picks {3, 1, 0, 2}: 0.2 + 0.4 + 1 + 1; sample 1 against them: 1 + 1 + 0.2 + 0.4
+    assert_within(loss, torch.tensor(5.2), 8 * (cos_err(4) + 2 * U) * 5.2)
+    dual.eval()
+    key, value, loss = dual.layer_prefix(0, q)
+    assert key[:, 0, 0].tolist() == [1.0, 0.0] and loss is None  # sample 0 -> E-prompt 1 (.6), sample 1 -> 0 (.8)
+    dual.train()
+    dual.set_task(0)
+    key, _, loss = dual.layer_prefix(0, q)
+    assert key[:, 0, 0].tolist() == [0.0, 0.0]  # training: the task's own E-prompt for every sample
+    assert_within(loss, torch.tensor(1.2), 4 * (cos_err(4) + 2 * U))  # sum_b (1 - cos[b, task 0]) = 1 + 0.2
+
+
+def test_hand_checkable_coda_and_vq():
+    coda = CODAPrompt(1, 4, pool_size=2, length=2, layers=(0,), key_dim=4).eval()
+    with torch.no_grad():
+        coda.keys[0] = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+        coda.attention[0] = torch.ones(2, 4)
+        coda.prompts[0] = torch.stack([torch.full((2, 4), 2.0), torch.full((2, 4), 10.0)])
+    q = torch.tensor([[3.0, 4.0, 0.0, 0.0]])  # alpha = (0.6, 0.8): prompt 0.6 * 2 + 0.8 * 10 = 9.2
+    key, value, _ = coda.layer_prefix(0, q)
+    assert_within(key, torch.full((1, 1, 4), 9.2), 4 * U * 9.2)
+    vq = VQPrompt(1, 4, pool_size=2, length=2, temperature=1.0, layers=(0,), key_dim=4).train()
+    with torch.no_grad():
+        vq.keys[0] = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+        vq.prompts[0] = torch.stack([torch.zeros(2, 4), torch.ones(2, 4)])
+    q = torch.tensor([[2.0, 0.0, 0.0, 0.0]])  # alpha = softmax(2, 0): soft prompt = 0.1192 -> nearest is prompt 0
+    key, value, loss = vq.layer_prefix(0, q)
+    assert torch.equal(key, torch.zeros(1, 1, 4)) and torch.equal(value, torch.zeros(1, 1, 4))
+    a1 = float(torch.softmax(torch.tensor([2.0, 0.0]), 0)[1])
+    assert_within(loss, torch.tensor(0.5 * a1**2), 16 * U * a1**2)  # (0.4 + 0.1) * mse(soft, 0)
