@@ -19,7 +19,7 @@ import traceback
 import pytest
 import torch
 from tolerance import tol
-from versions import has, needs
+from versions import LIFTED, has, needs
 
 pytestmark = pytest.mark.slow
 
@@ -313,7 +313,7 @@ SCENARIOS = {
     "fsdp2_pool": _scenario_fsdp2_pool,
     "fsdp2_smope": _scenario_fsdp2_smope,
 }
-if not has("fsdp2"):  # their tests skip (tests/versions.py)
+if not (has("fsdp2") or LIFTED):  # their tests skip (tests/versions.py)
     del SCENARIOS["fsdp2_pool"], SCENARIOS["fsdp2_smope"]
 
 

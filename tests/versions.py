@@ -2,10 +2,13 @@
 skip only for a feature the installed version cannot have; docs/compat.md lists them).
 
 The library's own features that need a newer torch are `norga._compat.NEEDS` (the library raises a clear error or
-falls back there); `TEST_NEEDS` holds what only the tests use of torch.
+falls back there); `TEST_NEEDS` holds what only the tests use of torch. `NORGA_TEST_NO_VERSION_SKIPS=1` runs the
+tests of `TEST_NEEDS` on an older torch anyway, to see what fails there (docs/compat.md).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import timm
@@ -13,7 +16,10 @@ import torch
 
 from norga._compat import NEEDS, TORCH
 
-__all__ = ["TEST_NEEDS", "TORCH", "TORCH_OWN_DEPRECATIONS", "has", "needs", "needs_timm"]
+__all__ = ["LIFTED", "TEST_NEEDS", "TORCH", "TORCH_OWN_DEPRECATIONS", "has", "needs", "needs_timm"]
+
+#: NORGA_TEST_NO_VERSION_SKIPS=1: the tests of TEST_NEEDS run whatever the torch (module docstring)
+LIFTED = os.environ.get("NORGA_TEST_NO_VERSION_SKIPS") == "1"
 
 #: what each feature of `NEEDS` is, in a skip's reason
 WHAT = {
@@ -34,9 +40,9 @@ TEST_NEEDS: dict[str, tuple[tuple[int, int], str]] = {
 
 #: DeprecationWarnings that torch's own code raises on some releases, not the caller's: Dynamo of torch 2.12 and
 #: 2.13 instantiates an autograd Function when it traces `Function.apply` (merge under torch.compile)
-TORCH_OWN_DEPRECATIONS = (
-    [r".* should not be instantiated\. Methods on autograd functions are all static"] if (2, 12) <= TORCH < (2, 14) else []
-)
+TORCH_OWN_DEPRECATIONS = [r".* should not be instantiated\. Methods on autograd functions are all static"]
+if not (2, 12) <= TORCH < (2, 14):
+    TORCH_OWN_DEPRECATIONS = []
 
 
 def _release(version: tuple[int, int]) -> str:
@@ -56,7 +62,7 @@ def needs(feature: str) -> pytest.MarkDecorator:
     """Skip unless the installed torch has `feature` (a key of `NEEDS` or `TEST_NEEDS`)."""
     version, what = _need(feature)
     reason = f"{what} needs torch >= {_release(version)}, this is torch {torch.__version__}"
-    return pytest.mark.skipif(TORCH < version, reason=reason)
+    return pytest.mark.skipif(TORCH < version and not (LIFTED and feature in TEST_NEEDS), reason=reason)
 
 
 def needs_timm(version: tuple[int, int, int], what: str) -> pytest.MarkDecorator:
