@@ -17,6 +17,8 @@ from typing import NoReturn
 import torch
 from torch import nn
 
+from ._compat import graph_break
+
 __all__ = [
     "check_attention_inputs",
     "check_bool",
@@ -188,5 +190,5 @@ def fail(error: Exception) -> NoReturn:
     Without `fullgraph` the break runs the rest eagerly, which raises `error` itself.
     """
     if torch.compiler.is_compiling():
-        torch._dynamo.graph_break(msg=f"norga: {type(error).__name__}: {error}")
+        graph_break(error)  # with the message from torch 2.14 (norga._compat)
     raise error

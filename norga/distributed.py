@@ -31,7 +31,7 @@ overwrite every rank's buffers with rank 0's (DDP's buffer synchronisation), los
 counts. Training forwards through the wrapper are fine: they do not change `usage`. Counts are float32
 and exact up to 2**24 per head and expert.
 
-FSDP2 (`torch.distributed.fsdp.fully_shard`) runs on CPU with gloo (tested) and shards the prompt pool
+FSDP2 (`torch.distributed.fsdp.fully_shard`) runs on CPU with gloo (tested from torch 2.9) and shards the prompt pool
 and SMoPE experts like any parameter, with one exception: it refuses 0-dimensional parameters
 (`ValueError: fully_shard doesn't support scalar parameters`), and a learnable
 [`NoRGaGate`][norga.gates.NoRGaGate] holds `alpha` and `tau` as scalars. Keep them out of sharding with

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from tolerance import attention_grad_tol, attention_tol, gamma, gate_args
+from versions import needs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,6 +79,7 @@ def test_bench_attention_cli_runs(tmp_path):
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
+@needs("flex")
 @pytest.mark.filterwarnings("error:flex_attention called without torch.compile")
 def test_flex_contender_agrees_forward():
     """``flex`` (forward only on CPU) computes what ``naive`` computes."""

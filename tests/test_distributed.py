@@ -19,6 +19,7 @@ import traceback
 import pytest
 import torch
 from tolerance import tol
+from versions import LIFTED, has, needs
 
 pytestmark = pytest.mark.slow
 
@@ -312,6 +313,8 @@ SCENARIOS = {
     "fsdp2_pool": _scenario_fsdp2_pool,
     "fsdp2_smope": _scenario_fsdp2_smope,
 }
+if not (has("fsdp2") or LIFTED):  # their tests skip (tests/versions.py)
+    del SCENARIOS["fsdp2_pool"], SCENARIOS["fsdp2_smope"]
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
@@ -436,6 +439,7 @@ def test_sync_smope_usage_refuses_disagreeing_ranks_without_baseline(ranks):
         assert "Call sync_smope_usage(model) once before training" in r["mismatch_error"]
 
 
+@needs("fsdp2")
 def test_fsdp2_shards_the_pool_and_keeps_ranks_identical(ranks):
     r0, r1 = _get(ranks, "fsdp2_pool")
     assert r0["sharded"] == "DTensor"
@@ -450,6 +454,7 @@ def test_fsdp2_shards_the_pool_and_keeps_ranks_identical(ranks):
         assert torch.equal(r0["final"][name], r1["final"][name]), name
 
 
+@needs("fsdp2")
 def test_fsdp2_matches_ddp(ranks):
     """Same model, data and optimizer: FSDP2 and DDP end at the same parameters, bit for bit. With two ranks
     every reduction (all-reduce or reduce-scatter) is one addition per element and the averaging an exact
@@ -461,6 +466,7 @@ def test_fsdp2_matches_ddp(ranks):
         assert torch.equal(fsdp["final"][name], ddp["final"][name]), name
 
 
+@needs("fsdp2")
 def test_fsdp2_prompts_save_full_tensors(ranks):
     from safetensors.torch import load_file
 
@@ -471,6 +477,7 @@ def test_fsdp2_prompts_save_full_tensors(ranks):
             assert torch.equal(t, r["final"][name]), name
 
 
+@needs("fsdp2")
 def test_fsdp2_smope_trains_with_sharded_experts(ranks):
     r0, r1 = _get(ranks, "fsdp2_smope")
     assert r0["sharded"] == "DTensor"

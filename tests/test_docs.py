@@ -12,6 +12,8 @@ Markers are HTML comments (hidden in the rendered docs) on the line just before 
 * ``<!-- test: skip reason="..." -->``: do not run the block; the test is reported as skipped with the reason.
 * ``<!-- test: signature -->``: the block is a call signature ``name(params) -> result``; its parameters must
   be those of ``inspect.signature(name)`` (names, kinds, defaults).
+* ``<!-- test: torch=2.9 -->`` (alone or after ``setup=...``): the block uses what that torch release brought; on
+  an older torch it is reported as skipped with the release (docs/compat.md).
 
 A block whose first line starts with ``>>>`` runs as a doctest (shown output is compared). Any other marker,
 a marker not followed by a python block, an unknown setup or a skip without a reason fails.
@@ -49,6 +51,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
+from versions import TORCH, TORCH_OWN_DEPRECATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -71,6 +74,7 @@ class Block:
     code: str = ""
     setups: list[str] = field(default_factory=list)
     skip: str | None = None
+    torch: tuple[int, int] | None = None  # the torch release the block needs (on an older one: skipped)
     signature: bool = False
     error: str | None = None  # a malformed marker or fence: the test fails with this message
     index: int = 0  # position among the page's blocks
@@ -81,7 +85,8 @@ class Block:
 
 
 def parse_marker(body: str) -> dict[str, Any]:
-    """``setup=a,b`` | ``skip reason="..."`` | ``signature`` -> the fields of a Block; ValueError otherwise."""
+    """``setup=a,b`` | ``skip reason="..."`` | ``signature`` | ``torch=X.Y`` (alone or after ``setup=``) -> the
+    fields of a Block (a skip where the installed torch is older than ``X.Y``); ValueError otherwise."""
     try:
         tokens = shlex.split(body)
     except ValueError as e:
@@ -96,14 +101,26 @@ def parse_marker(body: str) -> dict[str, Any]:
         if sorted(keys) != ["reason", "skip"] or values["skip"] is not None or not reason:
             raise ValueError(f'a skip needs a reason and nothing else: <!-- test: skip reason="..." -->, got {body!r}')
         return {"skip": reason}
+    fields: dict[str, Any] = {}
+    if keys and keys[-1] == "torch":
+        release = re.fullmatch(r"(\d+)\.(\d+)", values["torch"] or "")
+        if release is None:
+            raise ValueError(f"torch= needs a release MAJOR.MINOR, e.g. torch=2.9, got {body.strip()!r}")
+        fields["torch"] = (int(release[1]), int(release[2]))
+        if TORCH < fields["torch"]:
+            fields["skip"] = f"needs torch >= {values['torch']}, this is torch {torch.__version__}"
+        keys = keys[:-1]
+        if not keys:
+            return fields
     if keys == ["setup"] and values["setup"]:
         names = [n.strip() for n in values["setup"].split(",")]
         unknown = [n for n in names if n not in SETUPS]
         if unknown:
             raise ValueError(f"unknown setup {unknown} in marker {body.strip()!r}; known: {sorted(SETUPS)}")
-        return {"setups": names}
+        return {"setups": names, **fields}
     raise ValueError(
-        f"unknown marker {body.strip()!r}: expected 'setup=NAME[,NAME...]', 'skip reason=\"...\"' or 'signature'"
+        f"unknown marker {body.strip()!r}: expected 'setup=NAME[,NAME...]', 'skip reason=\"...\"', 'signature' or "
+        "'torch=X.Y'"
     )
 
 
@@ -223,6 +240,8 @@ def deprecations_are_errors() -> Iterator[None]:
     with warnings.catch_warnings():
         for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
             warnings.simplefilter("error", category)
+        for message in TORCH_OWN_DEPRECATIONS:  # torch's own, on some releases (tests/versions.py)
+            warnings.filterwarnings("ignore", message, DeprecationWarning)
         yield
 
 
@@ -627,6 +646,9 @@ def test_marker_before_a_non_python_block_is_an_error() -> None:
         ("<!-- test: setup=no_such_setup -->", "unknown setup"),
         ("<!-- test: sikp reason=typo -->", "unknown marker"),
         ("<!-- test: setup=batch -->\n\nSome prose.\n", "just before a python block"),
+        ("<!-- test: torch=2 -->", "needs a release MAJOR.MINOR"),
+        ("<!-- test: torch=2.9 setup=batch -->", "unknown marker"),
+        ('<!-- test: skip reason="x" torch=2.9 -->', "needs a reason and nothing else"),
     ],
 )
 def test_malformed_markers_fail(marker: str, message: str) -> None:
@@ -640,6 +662,15 @@ def test_markers_attach_to_their_block() -> None:
     first, second = parse_markdown(text, "p.md")
     assert (first.line, first.setups, first.code) == (4, ["batch", "pool_layer"], "a = 1\n")
     assert (second.line, second.setups, second.index) == (8, [], 1)
+
+
+def test_torch_marker_skips_on_an_older_torch_only() -> None:
+    text = "<!-- test: setup=batch torch=99.0 -->\n```python\na = 1\n```\n"
+    text += "<!-- test: torch=2.0 -->\n```python\nb = 1\n```\n"
+    future, past = parse_markdown(text, "p.md")
+    assert (future.setups, future.torch, past.setups, past.torch) == (["batch"], (99, 0), [], (2, 0))
+    assert future.skip is not None and future.skip.startswith("needs torch >= 99.0, this is torch 2.")
+    assert past.skip is None and past.error is None
 
 
 def test_an_unmarked_failing_block_fails(tmp_path_factory: pytest.TempPathFactory) -> None:

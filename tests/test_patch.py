@@ -14,6 +14,7 @@ from tolerance import (
     projection_tol,
     unit_roundoff,
 )
+from versions import needs
 
 import norga
 import norga.layers.base
@@ -371,6 +372,7 @@ def test_torch_compile_fullgraph_dynamic_batch(grad):
         torch.testing.assert_close(g[1, 0, 1], e[1, 0, 1], rtol=0, atol=2 * gb["pv_batch"])
 
 
+@needs("flex")
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.filterwarnings("error:flex_attention called without torch.compile")
 @pytest.mark.parametrize("key", ["vit", "beit"])

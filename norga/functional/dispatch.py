@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_attention_inputs
+from .._compat import is_exporting, require
 from ..gates import resolve_gate
 from .cuda import cuda_kernel, cuda_kernels_available
 from .flex import flex_attention, flex_available
@@ -52,8 +53,10 @@ def select_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.
     if backend == "auto":
         # torch.export keeps an autograd.Function's forward only, so an exported merge could not be differentiated
         fused = q.device.type == "cpu" and dropout_p == 0.0 and cpu_flash_available()
-        return "merge" if fused and not torch.compiler.is_exporting() else "sdpa"
+        return "merge" if fused and not is_exporting() else "sdpa"  # before torch 2.7: not under torch.compile
     if backend in ("merge", "flex"):
+        if backend == "flex":
+            require("flex", "backend 'flex'", "use 'merge', 'sdpa' or 'math'")  # a clearer message than the next
         if backend not in available_backends(q.device):
             raise ValueError(
                 f"backend {backend!r} is not available on device {q.device.type!r}; "

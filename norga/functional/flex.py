@@ -15,20 +15,16 @@ from typing import Any
 
 import torch
 
+from .._compat import has, require
 from .prefix import Gate
 
 __all__ = ["flex_attention", "flex_available", "score_mod"]
 
 
 def flex_available(device: torch.device) -> bool:
-    """Whether FlexAttention can run on `device` (CPU or CUDA, torch >= 2.5)."""
-    if device.type not in ("cpu", "cuda"):
-        return False
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:  # pragma: no cover - torch >= 2.5 has it
-        return False
-    return True
+    """Whether FlexAttention can run on `device`: CPU or CUDA, with a torch whose FlexAttention runs norga's
+    `score_mod` (2.11 or newer, docs/compat.md)."""
+    return device.type in ("cpu", "cuda") and has("flex")
 
 
 _COMPILED: list[Callable[..., torch.Tensor]] = []  # the compiled flex_attention, built on first use
@@ -75,8 +71,10 @@ def flex_attention(
         `(B, H, N, D)` in the dtype of `v`.
 
     Raises:
-        ValueError: a gradient is needed on CPU, where PyTorch has no compiled FlexAttention backward.
+        ValueError: a gradient is needed on CPU, where PyTorch has no compiled FlexAttention backward, or this torch
+            is older than 2.11 (its FlexAttention cannot compile the `score_mod`).
     """
+    require("flex", "backend 'flex'", "use 'merge', 'sdpa' or 'math'")
     if attend is None and q.device.type == "cpu" and torch.is_grad_enabled():
         needs = [t for t in (q, k, v, pk, pv, logits, bias) if t is not None and t.requires_grad]
         if needs or (isinstance(gate, torch.nn.Module) and any(p.requires_grad for p in gate.parameters())):

@@ -108,7 +108,8 @@ class PrefixMoEAttention(PrefixAttentionMixin, Attention):  # type: ignore[misc]
             self._check_input(x, attn_mask, is_causal)
         if prefix is None and self.prompt is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        out_gate = self.gate(x).sigmoid() if self.gate is not None else None  # timm's output gate (gated=True)
+        gate = getattr(self, "gate", None)  # timm's output gate (gated=True), an attribute from timm 1.0.28
+        out_gate = gate(x).sigmoid() if gate is not None else None
         q, k, v = split_qkv(self.qkv(x), self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
         o = self.norm(merge_heads(self._attend(q, k, v, prefix, attn_mask, is_causal)))

@@ -387,7 +387,8 @@ class PoolPrompt(nn.Module):
     def forward(self, q: torch.Tensor) -> Prefix:
         """The active task's prefix in head space `(1 or B, H, L, D)` for queries `q` `(B, H, N, D)`."""
         pool = self._pool[0]
-        key, value = pool.select(self.index, q.shape[0])[:2]
+        selected = pool.select(self.index, q.shape[0])
+        key, value = selected.key, selected.value  # not a slice: Dynamo cannot slice a NamedTuple on torch 2.7
         if isinstance(pool.task, int):  # one task: (L, dim), shared by the batch
             key, value = key.unsqueeze(0), value.unsqueeze(0)
         return Prefix(prefix_heads(key, q), prefix_heads(value, q))

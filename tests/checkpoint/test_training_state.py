@@ -142,17 +142,21 @@ def test_pool_resumes_bitwise(tmp_path: Path, pool_reference: dict[str, torch.Te
     assert not resumed.blocks[0].attn.prefix_gate.alpha.requires_grad  # frozen after the first task
 
 
-def test_the_old_recipe_does_not_resume_exactly(tmp_path: Path) -> None:
-    """Clipping model.parameters() counts the frozen gates' stale .grad of task 0 in the uninterrupted run only:
-    the reason the recipe clears the gradients at a task start (and what makes the tests above meaningful)."""
-    straight = _pool_model(1)
-    _train_pool(straight, tmp_path, recipe="old")
-    first = _pool_model(1)
-    path = _train_pool(first, tmp_path, stop=(1, 2), recipe="old")
-    resumed = _pool_model(2)
-    _train_pool(resumed, tmp_path, start=(1, 2), resume=path, recipe="old")
-    a, b = _state(straight), _state(resumed)
-    assert any(not torch.equal(a[k], b[k]) for k in a)
+def test_the_old_recipe_leaves_stale_gradients(tmp_path: Path) -> None:
+    """The old recipe keeps the frozen gates' .grad of task 0 into task 1, where clipping model.parameters()
+    counts it in the uninterrupted run and not in a resumed one (a fresh model has no .grad): the two runs clip by
+    different norms (here by a rounding error, which some torch releases round away; in general by any amount).
+    The reason the recipe clears the gradients at a task start (and what makes the tests above meaningful)."""
+
+    def gates(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for name, p in model.named_parameters() if ".prefix_gate." in name]
+
+    old, new = _pool_model(1), _pool_model(1)
+    _train_pool(old, tmp_path, stop=(1, 2), recipe="old")
+    _train_pool(new, tmp_path, stop=(1, 2))
+    assert gates(old) and not any(p.requires_grad for p in gates(old) + gates(new))  # frozen after task 0
+    assert all(p.grad is not None and bool(p.grad.any()) for p in gates(old))  # task 0's, counted by the clip
+    assert all(p.grad is None for p in gates(new))  # cleared at the task start: nothing a resumed run lacks
 
 
 # ------------------------------------------------------------------------------------------------------ SMoPE

@@ -2,6 +2,7 @@ import pytest
 import reference as ref
 import torch
 from tolerance import attention_grad_tol, attention_tol, gate_args
+from versions import needs
 
 from norga import NoRGaGate, Prefix, prefix_attention
 from norga.functional import attention_bias, available_backends, normalize_prefix, select_backend
@@ -337,6 +338,7 @@ FLEX_CASES = {
 }
 
 
+@needs("flex")
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.filterwarnings("error:flex_attention called without torch.compile")
 @pytest.mark.parametrize("case", list(FLEX_CASES))
@@ -378,6 +380,7 @@ def test_flex_forward_matches_reference(case):
     )
 
 
+@needs("flex")
 def test_flex_clear_errors_on_cpu():
     _, q, k, v = _qkv()
     pk = torch.randn(L, H * D)

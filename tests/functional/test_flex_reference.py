@@ -11,12 +11,14 @@ import pytest
 import reference as ref
 import torch
 from tolerance import assert_within, attention_grad_tol, attention_tol
+from versions import needs
 
 from norga import NoRGaGate
 from norga.functional import flex
 
 B, H, N, D, L = 2, 3, 11, 8, 5
 SCALE = D**-0.5
+pytestmark = [needs("flex"), needs("flex_reference")]
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

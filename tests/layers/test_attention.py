@@ -4,6 +4,7 @@ import torch
 from timm.layers import Attention
 from tolerance import prefix_layer_tol
 from torch import nn
+from versions import needs_timm
 
 from norga import NoRGaGate, Prefix, PrefixMoEAttention, PrefixPrompt
 
@@ -25,7 +26,7 @@ def _pair(**kw):
         {},
         {"qk_norm": True, "norm_layer": nn.LayerNorm},
         {"scale_norm": True, "norm_layer": nn.LayerNorm},
-        {"gated": True},
+        pytest.param({"gated": True}, marks=needs_timm((1, 0, 28), "timm's output gate (Attention(gated=True))")),
     ],
 )
 def test_identical_to_timm_without_prefix(fused, kw):

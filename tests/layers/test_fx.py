@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_timm_contract import BATCH, _case, _grads, _train_all
 from torch import nn
+from versions import needs
 
 import norga
 from norga.functional import dispatch
@@ -21,7 +22,7 @@ BACKENDS = [
     ("merge", True, "merge"),
     ("sdpa", True, "sdpa"),
     ("math", True, "math"),
-    pytest.param("flex", True, "flex", marks=pytest.mark.slow),  # compiles FlexAttention (about 10 s)
+    pytest.param("flex", True, "flex", marks=[pytest.mark.slow, needs("flex")]),  # compiles FlexAttention (about 10 s)
     ("auto", False, "math"),
 ]
 JIT_DEPRECATED = "ignore:`torch.jit.script` is deprecated:FutureWarning"
@@ -31,6 +32,7 @@ def _layers(model: nn.Module) -> list:
     return [layer.module for layer in norga.patch.patched_layers(model)]
 
 
+@needs("fx")  # traces timm's models
 @pytest.mark.parametrize("mode", ["pool", "smope"])
 @pytest.mark.parametrize("backend,fused,runs", BACKENDS)
 def test_the_graph_selects_and_runs_the_eager_backend(monkeypatch, mode, backend, fused, runs):
@@ -54,6 +56,7 @@ def test_the_graph_selects_and_runs_the_eager_backend(monkeypatch, mode, backend
         chosen.clear()
 
 
+@needs("fx")  # traces timm's models
 @pytest.mark.parametrize("key", ["vit", "beit", "eva02_fused_qkv"])
 def test_per_sample_task_ids_are_constants_of_the_graph(key):
     _, model, x = _case(key, "pool")
@@ -67,6 +70,7 @@ def test_per_sample_task_ids_are_constants_of_the_graph(key):
         assert torch.equal(gm(x), eager)
 
 
+@needs("fx")  # traces timm's models
 @pytest.mark.parametrize("mode", ["pool", "smope", "dualprompt"])
 def test_a_graph_traced_in_training_equals_eager_training(mode):
     """Traced in training mode (SMoPE's noisy routing, DualPrompt's task E-prompt) with attention dropout, which
@@ -90,6 +94,7 @@ def test_a_graph_traced_in_training_equals_eager_training(mode):
         assert not torch.equal(gm(x), traced), "another seed gives the same output: no dropout in the graph"
 
 
+@needs("fx")  # traces timm's models
 def test_copies_and_a_second_trace_keep_the_attention_node():
     """`copy.deepcopy` and pickling a GraphModule (which traces its code again), and tracing the graph again (as
     fx passes do): still one node calling `attend` per prompted layer, still the eager bits."""

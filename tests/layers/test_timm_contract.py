@@ -36,6 +36,7 @@ from timm.models import FeatureGraphNet, create_feature_extractor, get_graph_nod
 from tolerance import assert_within, attention_tol, gate_args, tol
 from torch import nn
 from torchvision.models import feature_extraction
+from versions import needs
 
 import norga
 
@@ -664,3 +665,9 @@ def test_torchscript_after_unpatch(key, mode):
     scripted = torch.jit.script(model)
     with torch.no_grad():
         assert torch.equal(scripted(x), reference(x)), "the scripted unpatched model differs from timm's"
+
+
+# Before torch 2.9 torch.fx cannot trace timm's own models (timm's is_causal reaches SDPA as a Proxy): the fx
+# checks need that release (tests/versions.py), the others run on every supported torch.
+for _fx_test in (test_fx_symbolic_trace, test_fx_feature_extraction, test_timm_fx_forward_and_torchscript):
+    needs("fx")(_fx_test)

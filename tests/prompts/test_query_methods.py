@@ -29,6 +29,7 @@ import reference_prompts as ref
 import timm
 import torch
 from tolerance import assert_within, gamma, unit_roundoff
+from versions import needs
 
 import norga
 from norga.prompts import L2P, CODAPrompt, DualPrompt, VQPrompt
@@ -599,6 +600,7 @@ def test_batch_invariance_in_the_model(name):
             assert_within(alone[0], batched[b], 1e3 * U * float(batched.abs().max()))
 
 
+@needs("fx_query")
 def test_fx_compile_deepcopy_and_pickle():
     model = patched(DualPrompt(3, DIM, pool_size=3, e_length=4, g_length=2))
     x = torch.randn(2, 3, 32, 32)

@@ -396,7 +396,7 @@ def test_state_dict_round_trip():
     torch.save(m.state_dict(), buf)
     buf.seek(0)
     other = SMoPE(DIM, HEADS, num_experts=E, top_k=K)
-    other.load_state_dict(torch.load(buf))
+    other.load_state_dict(torch.load(buf, weights_only=True))
     for name in ("usage", "frequent", "key_snapshot", "has_snapshot", "keys", "values"):
         assert torch.equal(getattr(other, name), getattr(m, name)), name
     q = torch.randn(3, HEADS, 5, HD)
