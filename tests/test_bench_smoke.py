@@ -100,6 +100,41 @@ def test_bench_attention_drops_quadratic_contenders_above_the_limit():
     assert all(r["vs_naive"] is None and r["vs_floor"] is not None for r in rows)
 
 
+def test_peak_allocated_bytes_counts_live_tensors():
+    """The peak of the tensor bytes allocated in one call and alive at once, counted from the allocator's events:
+    tensors of known sizes (float32, 4 bytes an element), one freed before the next is made. The free of a tensor
+    made before the call is not seen (the profiler does not know that block's size)."""
+    from benchmarks.common import peak_allocated_bytes
+
+    def run():
+        a = torch.empty(250_000)  # 1,000,000 bytes
+        b = torch.empty(500_000)  # 2,000,000 bytes: 3,000,000 alive, the peak
+        del a
+        c = torch.empty(125_000)  # 500,000 bytes: 2,500,000 alive
+        return b, c
+
+    assert peak_allocated_bytes(run) == 3_000_000
+    held = [torch.empty(1_000_000)]
+
+    def free_then_allocate():
+        held.pop()  # 4,000,000 bytes freed, not counted
+        return torch.empty(250_000)  # 1,000,000 bytes
+
+    assert peak_allocated_bytes(free_then_allocate) == 1_000_000
+    assert peak_allocated_bytes(lambda: None) == 0
+
+
+def test_bench_attention_memory_repeats_exactly():
+    """`--memory` measures each contender's peak twice from the same state; the two are equal, and at least the
+    output's bytes (B * H * N * D float32)."""
+    args = ["--B", "2", "--N", "9", "--L", "3", "--repeats", "1", "--warmup", "0", "--memory"]
+    rows = bench_main([*args, "--contenders", "naive", "merge", "floor"])
+    assert {r["contender"] for r in rows} == {"naive", "merge", "floor"}
+    for r in rows:
+        assert r["peak_mib"] == r["peak_mib_again"], r
+        assert r["peak_mib"] * 2**20 >= 2 * 12 * 9 * 64 * 4, r
+
+
 def test_plot_memory_slopes_and_png(tmp_path, capsys):
     """The memory plot fits log-log slopes: 2 for memory that grows as N^2, 1 for N."""
     from benchmarks.plot_memory import main as plot_main
