@@ -274,3 +274,99 @@ def test_gpu_script_records_failures(tmp_path):
     assert res.returncode == 1
     steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
     assert len(steps) == 8 and all(s[1] == "1" for s in steps)
+
+
+# A stand-in for the authors' SMoPE package with their interface (models.zoo.OnePrompt: one (1, D) Parameter per
+# layer, expert and head, e_pk_{layer}_{expert}_{head} / e_pv_..., forward(x_querry, l, x_block, train, task_id) ->
+# ([Ek, Ev, eps_decay], loss, x_block); models.vit.Attention(dim, num_heads, qkv_bias) with qkv, proj and
+# forward(x, prompt=, topk=, train=, reduce_query=) -> (out, (scores, routing scores))), written here from the
+# SMoPE equations: route by the mean query, the top K experts' row-constant logits scale * mean(q) . key, one
+# softmax over [logits, scale * q k^T]. SCALE_FACTOR 1 computes what norga's SMoPE computes; another value does not.
+STAND_IN_ZOO = """
+import torch
+from torch import nn
+
+
+class OnePrompt(nn.Module):
+    def __init__(self, emb_d, n_tasks, prompt_param, key_dim=768, num_heads=12):
+        super().__init__()
+        self.num_experts, self.topk, self.num_heads = int(prompt_param[0]) // 2, int(prompt_param[1]), num_heads
+        for layer in range(2):
+            for e in range(self.num_experts):
+                for h in range(num_heads):
+                    setattr(self, f"e_pk_{layer}_{e}_{h}", nn.Parameter(torch.rand(1, key_dim // num_heads)))
+                    setattr(self, f"e_pv_{layer}_{e}_{h}", nn.Parameter(torch.rand(1, key_dim // num_heads)))
+
+    def forward(self, x_querry, l, x_block, train=False, task_id=None):
+        def stack(kind):
+            rows = [[getattr(self, f"e_{kind}_{l}_{e}_{h}")[0] for e in range(self.num_experts)]
+                    for h in range(self.num_heads)]
+            return torch.stack([torch.stack(r) for r in rows]).expand(x_block.shape[0], -1, -1, -1)
+
+        return [stack("pk"), stack("pv"), torch.zeros(self.num_heads, self.num_experts)], 0.0, x_block
+"""
+STAND_IN_VIT = """
+import torch
+from torch import nn
+
+SCALE_FACTOR = {factor}
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=False):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5 * SCALE_FACTOR
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=qkv_bias), nn.Linear(dim, dim)
+
+    def forward(self, x, register_hook=False, prompt=None, topk=-1, train=False, reduce_query=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        ek, ev, _ = prompt
+        score = q.mean(dim=2, keepdim=True) @ ek.transpose(-2, -1)  # (B, H, 1, E)
+        idx = score.topk(topk, dim=-1).indices
+        pv = torch.gather(ev, 2, idx.squeeze(2).unsqueeze(-1).expand(-1, -1, -1, ev.shape[-1]))
+        logits = (score.gather(-1, idx) * self.scale).expand(-1, -1, N, -1)
+        attn = torch.cat([logits, (q @ k.transpose(-2, -1)) * self.scale], dim=-1).softmax(dim=-1)
+        out = (attn @ torch.cat([pv, v], dim=2)).transpose(1, 2).reshape(B, N, C)
+        return self.proj(out), (score, score)
+"""
+
+
+def _stand_in(root, factor):
+    pkg = root / "models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import vit, zoo\n")
+    (pkg / "zoo.py").write_text(STAND_IN_ZOO)
+    (pkg / "vit.py").write_text(STAND_IN_VIT.format(factor=factor))
+    return str(root)
+
+
+def test_bench_smope_times_the_authors_layer_after_checking_it(tmp_path):
+    """`bench_smope.py --authors PATH` imports the authors' OnePrompt and Attention from PATH (here the stand-in),
+    copies their experts and projections into norga's SMoPE, checks both select the same experts and that each
+    stage of each is within tests/tolerance.py's bounds of the float64 equations (eval and training mode), then
+    times every contender in both modes."""
+    from benchmarks.bench_smope import main as smope_main
+
+    args = ["--B", "2", "--N", "9", "--repeats", "1", "--warmup", "0", "--authors", _stand_in(tmp_path, 1)]
+    payload = smope_main([*args, "--out", str(tmp_path / "s.json")])
+    assert [c["B"] for c in payload["checks"]] == [2] and payload["checks"][0]["max_abs_diff"] > 0
+    got = {(r["mode"], r["contender"]) for r in payload["results"]}
+    names = ("norga_smope", "norga_smope_again", "authors", "pool", "none")
+    assert got == {(m, c) for m in ("fwd", "fwdbwd") for c in names}
+    assert all(r["vs_authors"] == 1.0 for r in payload["results"] if r["contender"] == "authors")
+
+
+def test_bench_smope_refuses_an_authors_layer_that_computes_otherwise(tmp_path):
+    """The check can fail: a stand-in whose scale is 1 % off is beyond the attention stage's rounding bound."""
+    from benchmarks.bench_smope import main as smope_main
+
+    with pytest.raises(AssertionError, match="the authors' layer .training=False.: attention"):
+        smope_main(["--B", "2", "--N", "9", "--repeats", "1", "--authors", _stand_in(tmp_path, 1.01)])
+
+
+def test_bench_smope_names_a_wrong_checkout(tmp_path):
+    from benchmarks.bench_smope import main as smope_main
+
+    with pytest.raises(FileNotFoundError, match="no models/__init__.py"):
+        smope_main(["--B", "1", "--N", "4", "--repeats", "1", "--authors", str(tmp_path)])
