@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (
     LAYOUTS,
+    contended,
     contenders,
     format_table,
     interleaved,
@@ -101,7 +102,8 @@ def bench_shape(
     inputs = make_inputs(b, n, length, device=device, dtype=dtype, requires_grad=mode == "fwdbwd", layout=args.layout)
     gate = make_gate(device)
     runs = {name: runner(name, fn, inputs, gate, mode) for name, fn in fns.items()}
-    times = interleaved(runs, repeats=args.repeats, warmup=args.warmup, device=device, clock=args.clock)
+    with contended(args.contend):
+        times = interleaved(runs, repeats=args.repeats, warmup=args.warmup, device=device, clock=args.clock)
     med = {name: median_ms(t) for name, t in times.items()}
     peaks: Dict[str, List[float]] = {}
     if args.memory:
@@ -128,6 +130,7 @@ def bench_shape(
                 "clock": args.clock,
                 "threads": torch.get_num_threads(),
                 "layout": args.layout,
+                "contend": args.contend,
             }
         )
     return rows
@@ -178,6 +181,13 @@ def main(argv: List[str] | None = None) -> List[Dict[str, object]]:
         default="wall",
         choices=["wall", "cpu"],
         help="wall: elapsed time; cpu: process CPU time (robust on a shared machine with --threads 1)",
+    )
+    p.add_argument(
+        "--contend",
+        type=int,
+        default=0,
+        metavar="P",
+        help="time beside P busy processes (python -c 'while True: pass', not pinned), a loaded machine (default 0)",
     )
     p.add_argument(
         "--memory",

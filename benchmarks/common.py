@@ -21,15 +21,17 @@ Contenders for one attention layer (``CONTENDERS``), all with the same signature
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Callable, Dict, List, Optional, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +191,19 @@ def interleaved(
             synchronize(device)
             times[name].append(now() - t0)
     return times
+
+
+@contextlib.contextmanager
+def contended(processes: int) -> Iterator[None]:
+    """Run ``processes`` busy processes (``python -c 'while True: pass'``, not pinned) for the duration: a machine
+    whose cores other jobs keep busy, reproducibly. Each is ended by its process id on leaving."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
 
 
 def child_env(**extra: str) -> Dict[str, str]:

@@ -58,8 +58,8 @@ else
   vit=(--batch 64 --train-batch 64 --repeats 10 --train-repeats 5)
 fi
 
-step selfcheck 120 "$py" -m norga.info --device "$device" "${info[@]}" --json "$out/selfcheck.json"
-step test_gpu 120 "$py" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider ${gpu_tests[@]+"${gpu_tests[@]}"}
+step selfcheck 100 "$py" -m norga.info --device "$device" "${info[@]}" --json "$out/selfcheck.json"
+step test_gpu 110 "$py" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider ${gpu_tests[@]+"${gpu_tests[@]}"}
 for dtype in bfloat16 float32; do
   step "attention_$dtype" 100 "$py" benchmarks/bench_attention.py --device "$device" --dtype "$dtype" \
     "${attention[@]}" --out "$out/attention_$dtype.json"
@@ -67,7 +67,7 @@ for dtype in bfloat16 float32; do
     --norga merge > "$out/tables_$dtype.md"
 done
 for backend in merge auto; do
-  step "smope_$backend" 15 "$py" benchmarks/bench_smope.py --device "$device" --backend "$backend" "${smope[@]}" \
+  step "smope_$backend" 30 "$py" benchmarks/bench_smope.py --device "$device" --backend "$backend" "${smope[@]}" \
     ${SMOPE_AUTHORS:+--authors "$SMOPE_AUTHORS"} --out "$out/smope_$backend.json"
   step "vit_$backend" 35 "$py" benchmarks/bench_vit.py --device "$device" --backend "$backend" --no-compile \
     "${vit[@]}" --out "$out/vit_$backend.json"

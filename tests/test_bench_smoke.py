@@ -184,7 +184,7 @@ def test_bench_fastpaths_cli_runs(tmp_path):
         ["--B", "3", "--N", "9", "--L", "3", "--heads", "2", "--head-dim", "8", "--repeats", "1"] + ["--out", str(out)]
     )
     assert out.exists() and json.loads(out.read_text())["results"] == rows
-    assert {r["contender"] for r in rows} == {"epilogue", "no-inplace", "epilogue-again", "batched"}
+    assert {r["contender"] for r in rows} == {"epilogue", "no-inplace", "epilogue-again", "batched", "one-gemm"}
     assert next(r["ratio"] for r in rows if r["contender"] == "epilogue") == 1.0
 
 
@@ -370,3 +370,24 @@ def test_bench_smope_names_a_wrong_checkout(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no models/__init__.py"):
         smope_main(["--B", "1", "--N", "4", "--repeats", "1", "--authors", str(tmp_path)])
+
+
+def test_contended_runs_busy_processes_and_ends_them(monkeypatch):
+    """`--contend P` times beside P busy processes: running inside the block, ended on leaving it."""
+    import subprocess
+
+    from benchmarks import common
+
+    started, real_popen = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(common.subprocess, "Popen", popen)
+    with common.contended(2):
+        assert len(started) == 2 and all(p.poll() is None for p in started)
+    assert all(p.poll() is not None for p in started)
+    with pytest.raises(KeyError), common.contended(1):
+        raise KeyError("a failing benchmark")
+    assert len(started) == 3 and started[-1].poll() is not None
