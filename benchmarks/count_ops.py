@@ -17,7 +17,6 @@ import os
 import sys
 from typing import Any, Dict, List
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
