@@ -88,13 +88,12 @@ def merge_forward(
     with float32(x.q):
         cols = torch.cat([g, lse_tok.float().unsqueeze(-1)], dim=-1)  # (B, H, N, L + 1)
         weights = torch.softmax(cols, dim=-1)
-        # p @ pv into a small contiguous temporary, then one pass writes w * o_tok + p @ pv over the float32 token
-        # output (the kernel's own when it is float32: nothing else holds it), in the kernel's memory layout
-        # ((B, N, H, D) for timm's strided q): the module's transpose(1, 2).reshape(B, N, C) after it is free, and
-        # the gradient arrives in that layout
-        o32 = o_tok.float()
-        p_pv = torch.matmul(weights[..., :length], pv.float())
-        out = torch.addcmul(p_pv, o32, weights[..., length:], out=o32).to(x.v.dtype)
+        # in the kernel's memory layout ((B, N, H, D) for timm's strided q): the module's transpose(1, 2)
+        # .reshape(B, N, C) after it is free, and the gradient arrives in that layout. (One addcmul with out= the
+        # token output would save a pass, but Dynamo cannot trace an out= into a non-contiguous tensor, and this is
+        # also the form torch.compile traces.)
+        out = o_tok.float().mul(weights[..., length:]).add_(torch.matmul(weights[..., :length], pv.float()))
+        out = out.to(x.v.dtype)
         lse = _merged_lse(lse_tok, weights[..., length]) if need_lse else cols.new_empty(0)
     return out, weights, lse, saved
 
@@ -196,18 +195,19 @@ def merge_attention(
 
 def _scaled_prefix_rows(q: Tensor, pk: Tensor, scale: float, buf: Tensor) -> None:
     """Rows `0..L-1` of `buf` `(B, H, L + 1, N)` float32 become `scale * pk . q`, row `L` zero (`q` `(B, H, N, D)`,
-    `pk` `(B or 1, H, L, D)`), without a copy of `q`.
+    `pk` `(B or 1, H, L, D)`).
 
     One multiplication gives every sample's `[scale * pk; 0]` (the scale on the small key rather than on the
-    scores); then one GEMM per sample reads that sample's strided `q` as it is (timm's `qkv` split: a batched GEMM
-    over all samples and heads would first copy all of `q`) and fills all `L + 1` rows of its contiguous block of
-    the buffer (a GEMM into a strided slice of it runs per head).
+    scores; the zero row lets the GEMM fill all `L + 1` rows of the contiguous buffer, where a GEMM into a strided
+    slice of it runs per head), then one batched GEMM over every sample and head. For timm's strided `q` (views of
+    the `qkv` projection) that GEMM first copies `q`; one GEMM per sample would read the strided rows without the
+    copy, but as `B` small operations, each waiting for every core: on a machine whose other core is busy that
+    costs far more than the copy saves (docs/benchmarks.md, "Fewer, larger operations").
     """
     length = pk.shape[-2]
     pk_pad = q.new_zeros((pk.shape[0], pk.shape[1], length + 1, pk.shape[-1]), dtype=torch.float32)
     torch.mul(pk.float(), scale, out=pk_pad[:, :, :length])
-    for i in range(q.shape[0]):
-        torch.matmul(pk_pad[i if pk.shape[0] > 1 else 0], q[i].float().transpose(-2, -1), out=buf[i])
+    torch.matmul(pk_pad, q.float().transpose(-2, -1), out=buf)
 
 
 def merge_attention_no_grad(
@@ -224,12 +224,12 @@ def merge_attention_no_grad(
     """`merge` without autograd (inference, CPU): the same equations, with a working buffer instead of temporaries.
 
     After the fused token kernel, one float32 buffer of `(H, L + 1, N)` rows per sample: rows `0..L-1` hold the
-    prefix scores `scale * pk . q`, computed per sample straight from the strided `q` that timm's `qkv` split
-    gives (no copy of `q`) and gated in place through the gate's `inplace_` (the gate protocol, `norga.gates`);
-    row `L` holds `lse_tok`; one softmax over the rows gives the prefix weights and the token weight. `p @ pv`
-    goes into a small contiguous temporary, and one `addcmul` writes `w * o_tok + p @ pv` over the kernel's
-    output, in its memory layout. Given `logits`, or a gate without `inplace_` (or one that declines), the
-    scores are built and gated on the whole `(B, H, N, L)` block first, exactly as on the autograd path.
+    prefix scores `scale * pk . q`, one batched GEMM for the batch (`_scaled_prefix_rows`), gated in place
+    through the gate's `inplace_` (the gate protocol, `norga.gates`); row `L` holds `lse_tok`; one softmax over
+    the rows gives the prefix weights and the token weight. `p @ pv` goes into a small contiguous temporary, and
+    one `addcmul` writes `w * o_tok + p @ pv` over the kernel's output, in its memory layout. Given `logits`, or a
+    gate without `inplace_` (or one that declines), the scores are built and gated on the whole `(B, H, N, L)` block
+    first, exactly as on the autograd path.
     """
     bias = _bias4d(bias, q.dtype)
     o_tok, lse_tok, _ = CPU_FLASH.forward(TokenInputs(q, k, v, bias, scale))
