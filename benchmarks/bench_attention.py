@@ -83,12 +83,24 @@ def runner(name: str, fn, inputs, gate, mode: str):
     return run
 
 
-def peak_mib(run, device) -> List[float]:
+def clear_grads(inputs, gate) -> None:
+    """Drop the gradients a ``fwdbwd`` runner left (on the leaves of ``inputs`` and the gate's parameters)."""
+    for t in inputs:
+        (t if t._base is None else t._base).grad = None
+    if gate is not None:
+        gate.zero_grad(set_to_none=True)
+
+
+def peak_mib(run, inputs, gate, device) -> List[float]:
     """The peak allocated memory of ``run()`` (MiB, :func:`benchmarks.common.peak_allocated_bytes`), measured in
-    two calls after an unmeasured one: they agree exactly where the call allocates the same tensors in the same
-    order. (The first profiled backward of a process allocates about 200 KB once, beside the call's tensors.)"""
-    peak_allocated_bytes(run, device)
-    return [peak_allocated_bytes(run, device) / 2**20 for _ in range(2)]
+    two calls after an unmeasured one, each with no gradient alive before it, so that the call frees nothing it
+    did not allocate: they agree exactly where the call allocates the same tensors in the same order. (The first
+    profiled backward of a process allocates about 200 KB once, beside the call's tensors.)"""
+    peaks = []
+    for _ in range(3):
+        clear_grads(inputs, gate)
+        peaks.append(peak_allocated_bytes(run, device) / 2**20)
+    return peaks[1:]
 
 
 def bench_shape(
@@ -108,7 +120,7 @@ def bench_shape(
     peaks: Dict[str, List[float]] = {}
     if args.memory:
         for name in fns:
-            peaks[name] = peak_mib(runs[name], device)
+            peaks[name] = peak_mib(runs[name], inputs, gate, device)
     rows = []
     for name in fns:
         rows.append(

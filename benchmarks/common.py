@@ -260,8 +260,11 @@ def peak_allocated_bytes(run: Callable[[], object], device: torch.device | str =
     On CPU, ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of the CPU
     allocator as a ``[memory]`` event with its size (negative for a free); the running sum of those events, in
     the order recorded, is the memory allocated since the call began and still alive, and its maximum is the
-    peak (0 if the call allocates nothing). The profiler does not record the free of a block allocated before it
-    started, so tensors that existed before the call and die in it do not lower the count. On CUDA,
+    peak (0 if the call allocates nothing). The profiler knows the size of a block only if it was allocated while a
+    profiler ran: the free of a tensor made before, outside any profiler, is not counted, but that of one made
+    under an earlier profiler is, and lowers the sum. Measure from a state in which the call frees nothing it did
+    not allocate (``bench_attention.py`` drops the previous call's gradients first) and the result is the same
+    either way. On CUDA,
     ``torch.cuda.max_memory_allocated`` above ``torch.cuda.memory_allocated`` before the call (there such a free
     does lower it). Either way it is live memory, the bytes of the tensors themselves, not what the allocator
     keeps from the operating system, and it repeats exactly where the call allocates the same tensors in the
