@@ -3,9 +3,10 @@
 For every shape ``(B, N, L)`` (ViT-B heads: 12 heads of 64) and mode (``fwd``: forward under ``no_grad``;
 ``fwdbwd``: forward and backward with gradients for ``q, k, v`` and the prefix), every contender of
 :mod:`benchmarks.common` runs interleaved (round-robin) in one process; the table gives median
-milliseconds and the ratios to ``floor`` and to ``naive``. ``--memory`` adds the peak memory of each
-contender: on CPU the growth of ``ru_maxrss`` in a fresh child process per contender, on CUDA
-``torch.cuda.max_memory_allocated`` above what the inputs hold.
+milliseconds and the ratios to ``floor`` and to ``naive``. ``--memory`` adds the peak allocated memory of
+each contender's call after the timing (:func:`benchmarks.common.peak_allocated_bytes`: the bytes held by tensors
+allocated in the call and alive at its peak; on CPU from ``torch.profiler``'s allocation events, on CUDA
+``torch.cuda.max_memory_allocated``), measured twice (``peak_mib``, ``peak_mib_again``).
 
 Examples (run from the repository root)::
 
@@ -17,9 +18,7 @@ Examples (run from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import sys
 from typing import Dict, List, Sequence
 
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (
     LAYOUTS,
+    contended,
     contenders,
     format_table,
     interleaved,
@@ -36,8 +36,7 @@ from benchmarks.common import (
     make_gate,
     make_inputs,
     median_ms,
-    peak_rss_child,
-    synchronize,
+    peak_allocated_bytes,
     write_json,
 )
 from norga.functional import select_backend
@@ -84,56 +83,24 @@ def runner(name: str, fn, inputs, gate, mode: str):
     return run
 
 
-def memory_child(args: argparse.Namespace) -> None:
-    """In a fresh process: build inputs, then report the ``ru_maxrss`` growth of one call (MiB)."""
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    fns = contenders(args.device, args.mode[0])
-    inputs = make_inputs(
-        args.B[0],
-        args.N[0],
-        args.L[0],
-        requires_grad=args.mode[0] == "fwdbwd",
-        dtype=DTYPES[args.dtype],
-        layout=args.layout,
-    )
-    gate = make_gate()
-    run = runner(args.memory_child, fns[args.memory_child], inputs, gate, args.mode[0])
-    # ru_maxrss is a high-water mark that importing torch has already raised above what the call adds. On
-    # Linux, writing 5 to /proc/self/clear_refs resets the process's high-water mark (VmHWM) to the current
-    # RSS, so VmHWM after the call minus VmRSS before it is the call's own peak. Where that is not possible
-    # the ru_maxrss growth is reported (a lower bound) and "reset" is false in the output.
-    reset = _reset_peak_rss()
-    before = _rss_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run()
-    after = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (after - before) / 1024.0, "reset": reset}))  # KiB on Linux
+def clear_grads(inputs, gate) -> None:
+    """Drop the gradients a ``fwdbwd`` runner left (on the leaves of ``inputs`` and the gate's parameters)."""
+    for t in inputs:
+        (t if t._base is None else t._base).grad = None
+    if gate is not None:
+        gate.zero_grad(set_to_none=True)
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def cuda_peak_mib(run, device) -> float:
-    synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    synchronize(device)
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+def peak_mib(run, inputs, gate, device) -> List[float]:
+    """The peak allocated memory of ``run()`` (MiB, :func:`benchmarks.common.peak_allocated_bytes`), measured in
+    two calls after an unmeasured one, each with no gradient alive before it, so that the call frees nothing it
+    did not allocate: they agree exactly where the call allocates the same tensors in the same order. (The first
+    profiled backward of a process allocates about 200 KB once, beside the call's tensors.)"""
+    peaks = []
+    for _ in range(3):
+        clear_grads(inputs, gate)
+        peaks.append(peak_allocated_bytes(run, device) / 2**20)
+    return peaks[1:]
 
 
 def bench_shape(
@@ -147,36 +114,13 @@ def bench_shape(
     inputs = make_inputs(b, n, length, device=device, dtype=dtype, requires_grad=mode == "fwdbwd", layout=args.layout)
     gate = make_gate(device)
     runs = {name: runner(name, fn, inputs, gate, mode) for name, fn in fns.items()}
-    times = interleaved(runs, repeats=args.repeats, warmup=args.warmup, device=device, clock=args.clock)
+    with contended(args.contend):
+        times = interleaved(runs, repeats=args.repeats, warmup=args.warmup, device=device, clock=args.clock)
     med = {name: median_ms(t) for name, t in times.items()}
-    peaks: Dict[str, float] = {}
+    peaks: Dict[str, List[float]] = {}
     if args.memory:
         for name in fns:
-            if device.type == "cuda":
-                peaks[name] = cuda_peak_mib(runs[name], device)
-            else:
-                child = [
-                    os.path.abspath(__file__),
-                    "--memory-child",
-                    name,
-                    "--B",
-                    str(b),
-                    "--N",
-                    str(n),
-                    "--L",
-                    str(length),
-                    "--mode",
-                    mode,
-                    "--dtype",
-                    args.dtype,
-                    "--device",
-                    "cpu",
-                    "--layout",
-                    args.layout,
-                ]
-                if args.threads:
-                    child += ["--threads", str(args.threads)]
-                peaks[name] = peak_rss_child(child)["peak_mib"]
+            peaks[name] = peak_mib(runs[name], inputs, gate, device)
     rows = []
     for name in fns:
         rows.append(
@@ -192,11 +136,13 @@ def bench_shape(
                 "min_ms": 1e3 * min(times[name]),
                 "vs_floor": med[name] / med["floor"] if "floor" in med else None,
                 "vs_naive": med[name] / med["naive"] if "naive" in med else None,
-                "peak_mib": peaks.get(name),
+                "peak_mib": peaks[name][0] if name in peaks else None,
+                "peak_mib_again": peaks[name][1] if name in peaks else None,
                 "repeats": args.repeats,
                 "clock": args.clock,
                 "threads": torch.get_num_threads(),
                 "layout": args.layout,
+                "contend": args.contend,
             }
         )
     return rows
@@ -248,7 +194,19 @@ def main(argv: List[str] | None = None) -> List[Dict[str, object]]:
         choices=["wall", "cpu"],
         help="wall: elapsed time; cpu: process CPU time (robust on a shared machine with --threads 1)",
     )
-    p.add_argument("--memory", action="store_true", help="also measure peak memory per contender")
+    p.add_argument(
+        "--contend",
+        type=int,
+        default=0,
+        metavar="P",
+        help="time beside P busy processes (python -c 'while True: pass', not pinned), a loaded machine (default 0)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure each contender's peak allocated memory (the bytes of the tensors allocated in one call "
+        "and alive at its peak; torch.profiler on CPU, torch.cuda.max_memory_allocated on CUDA), twice",
+    )
     p.add_argument(
         "--max-naive-gib",
         type=float,
@@ -257,12 +215,7 @@ def main(argv: List[str] | None = None) -> List[Dict[str, object]]:
         "it or a mask of its size (naive, math, sdpa) and time the rest (default 8)",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.memory_child:
-        args.B, args.N, args.L = args.B or [16], args.N or [197], args.L or [20]
-        memory_child(args)
-        return []
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

@@ -12,6 +12,9 @@ the ratios are to `epilogue` (everything on):
   timing noise of the run.
 - `batched`: the autograd path's forward (`merge_attention`) run under `torch.no_grad()`: the simplest code that
   computes the same result.
+- `per-sample`: `epilogue` with its one batched prefix-score GEMM (`_scaled_prefix_rows`, which first copies the
+  strided `q`) replaced by one GEMM per sample reading the strided rows as they are (the library before this was
+  measured): no copy, but `B` small operations instead of one.
 
 A fast path stays in the library if it is at least 3 % faster than the simpler code at the target shapes
 (docs/benchmarks.md). Interleaved rounds in an order rotated between rounds, medians; `--clock cpu` with `--threads
@@ -43,6 +46,7 @@ from benchmarks.common import (  # noqa: E402
     CLOCKS,
     LAYOUTS,
     child_env,
+    contended,
     format_table,
     interleaved,
     machine_info,
@@ -68,7 +72,30 @@ def contenders(q, k, v, pk, pv, gate) -> Dict[str, Callable[[], torch.Tensor]]:
     def batched() -> torch.Tensor:
         return merge_module.merge_attention(q, k, v, prefix_scores(q, pk, scale, gate), pv, None, scale)
 
-    return {"epilogue": epilogue, "no-inplace": no_inplace, "epilogue-again": epilogue, "batched": batched}
+    def per_sample() -> torch.Tensor:
+        batched_rows = merge_module._scaled_prefix_rows
+        merge_module._scaled_prefix_rows = _per_sample_rows
+        try:
+            return epilogue()
+        finally:
+            merge_module._scaled_prefix_rows = batched_rows
+
+    return {
+        "epilogue": epilogue,
+        "no-inplace": no_inplace,
+        "epilogue-again": epilogue,
+        "batched": batched,
+        "per-sample": per_sample,
+    }
+
+
+def _per_sample_rows(q: torch.Tensor, pk: torch.Tensor, scale: float, buf: torch.Tensor) -> None:
+    """`merge_module._scaled_prefix_rows` as one GEMM per sample on its strided `q` (no copy of `q`)."""
+    length = pk.shape[-2]
+    pk_pad = q.new_zeros((pk.shape[0], pk.shape[1], length + 1, pk.shape[-1]), dtype=torch.float32)
+    torch.mul(pk.float(), scale, out=pk_pad[:, :, :length])
+    for i in range(q.shape[0]):
+        torch.matmul(pk_pad[i if pk.shape[0] > 1 else 0], q[i].float().transpose(-2, -1), out=buf[i])
 
 
 def _isolated(args: argparse.Namespace, b: int, names: Sequence[str]) -> Dict[str, List[float]]:
@@ -99,6 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     p.add_argument("--out", default=None)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--contend", type=int, default=0, metavar="P", help="time beside P busy processes (default 0)")
     p.add_argument("--isolated", type=int, default=0, metavar="ROUNDS", help="one process per contender and round")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # an --isolated child: time this contender
     args = p.parse_args(argv)
@@ -117,10 +145,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
             ref = fns["batched"]()
             for name, fn in fns.items():  # every contender computes the same attention
                 torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-5, msg=name)
-            if args.isolated:
-                times = _isolated(args, b, list(fns))
-            else:
-                times = interleaved(fns, args.repeats, clock=args.clock, rotate=True)
+            with contended(args.contend):
+                if args.isolated:
+                    times = _isolated(args, b, list(fns))
+                else:
+                    times = interleaved(fns, args.repeats, clock=args.clock, rotate=True)
         base = median_ms(times["epilogue"])
         for name, samples in times.items():
             ms = median_ms(samples)

@@ -6,7 +6,8 @@ in one process, medians and ratios:
 
 ``infer``
     ``model(x)`` under ``no_grad`` in eval mode, batch ``--batch``; the patched model gets one task id per
-    sample (test-time, per-sample prompts).
+    sample (test-time, per-sample prompts). The unpatched model runs twice in each round; the second, a
+    control, gives the run's noise (``control``: its ratio to the first).
 ``train``
     One optimizer step (Adam) with the backbone frozen: prompts, gates and head trainable in the patched
     model, the head in the unpatched one (``--train-batch``); training task 3 for every sample.
@@ -115,17 +116,28 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
 
         return run
 
-    runs = {"unpatched": infer(plain), "patched": infer(patched)}
+    # unpatched_again: the unpatched model once more in each round, a control whose ratio is the run's noise
+    runs = {"unpatched": infer(plain), "patched": infer(patched), "unpatched_again": infer(plain)}
     t = interleaved(runs, args.repeats, args.warmup, device, args.clock)
     med = {k: median_ms(v) for k, v in t.items()}
     results["infer"] = {
         "median_ms": med,
         "ratio": med["patched"] / med["unpatched"],
+        "control": med["unpatched_again"] / med["unpatched"],
         "batch": args.batch,
         "samples_ms": _ms(t),
     }
     rows.append(["infer", "unpatched", args.batch, f"{med['unpatched']:.1f}", "1.00"])
     rows.append(["infer", "patched", args.batch, f"{med['patched']:.1f}", f"{med['patched'] / med['unpatched']:.3f}"])
+    rows.append(
+        [
+            "infer",
+            "unpatched (control)",
+            args.batch,
+            f"{med['unpatched_again']:.1f}",
+            f"{results['infer']['control']:.3f}",
+        ]
+    )
     print(format_table(rows, ["measure", "model", "batch", "median ms", "ratio"]), flush=True)
 
     # compile ----------------------------------------------------------------------------------------

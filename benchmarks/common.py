@@ -1,4 +1,4 @@
-"""Shared helpers for norga's benchmarks: contenders, inputs, interleaved timing and peak memory.
+"""Shared helpers for norga's benchmarks: contenders, inputs, interleaved timing and peak allocated memory.
 
 Nothing here is timed in the unit tests; ``tests/test_bench_smoke.py`` only checks that the contenders
 defined here agree with each other.
@@ -21,6 +21,7 @@ Contenders for one attention layer (``CONTENDERS``), all with the same signature
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Callable, Dict, List, Optional, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +193,19 @@ def interleaved(
     return times
 
 
+@contextlib.contextmanager
+def contended(processes: int) -> Iterator[None]:
+    """Run ``processes`` busy processes (``python -c 'while True: pass'``, not pinned) for the duration: a machine
+    whose cores other jobs keep busy, reproducibly. Each is ended by its process id on leaving."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+
 def child_env(**extra: str) -> Dict[str, str]:
     """The environment for a benchmark's child process: compiled imports kept in a cache between children.
 
@@ -240,19 +254,42 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def peak_rss_child(args: List[str], timeout: float = 600.0) -> Dict[str, float]:
-    """Run ``python -m <args>`` in a fresh process that prints one JSON line; return it parsed.
+def peak_allocated_bytes(run: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """The peak of the bytes allocated by tensors during ``run()`` and alive at once.
 
-    The child measures its own ``ru_maxrss`` before and after the measured work (see ``bench_attention``
-    ``--memory-child``), so imports and inputs are excluded and each contender starts from a clean heap.
+    On CPU, ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of the CPU
+    allocator as a ``[memory]`` event with its size (negative for a free); the running sum of those events, in
+    the order recorded, is the memory allocated since the call began and still alive, and its maximum is the
+    peak (0 if the call allocates nothing). The profiler knows the size of a block only if it was allocated while a
+    profiler ran: the free of a tensor made before, outside any profiler, is not counted, but that of one made
+    under an earlier profiler is, and lowers the sum. Measure from a state in which the call frees nothing it did
+    not allocate (``bench_attention.py`` drops the previous call's gradients first) and the result is the same
+    either way. On CUDA,
+    ``torch.cuda.max_memory_allocated`` above ``torch.cuda.memory_allocated`` before the call (there such a free
+    does lower it). Either way it is live memory, the bytes of the tensors themselves, not what the allocator
+    keeps from the operating system, and it repeats exactly where the call allocates the same tensors in the
+    same order.
     """
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory child {args} failed with code {res.returncode}:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    if torch.device(device).type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())  # stable: events of one instant keep their recorded order
+    live = peak = 0
+    for e in events:
+        if e.device_type() == torch.profiler.DeviceType.CPU:
+            live += e.nbytes()
+            peak = max(peak, live)
+    return peak
 
 
 def write_json(path: Optional[str], payload: Dict[str, object]) -> None:

@@ -9,16 +9,16 @@
 #      and every family's patched ViT layer by layer)
 #   3. the attention layer, bf16 then fp32: ViT-B heads, B = 64, L = 20, N = 197, 577, 1025, 4096, forward and
 #      forward + backward, peak memory, every contender (the authors' naive algorithm, each backend, the floor)
-#   4. SMoPE against the authors' per-expert loop (merge and auto)
+#   4. one SMoPE layer against a per-task pool and the plain layer, and the authors' layer with SMOPE_AUTHORS
+#      (merge and auto)
 #   5. a patched ViT-B inference and training step against the unpatched model (merge and auto)
 #
 # Each step writes OUTDIR/<step>.log (and JSON where it has results); OUTDIR/steps.tsv has each step's exit status
 # (124: it ran out of time) and seconds. The script exits 1 if any step failed or ran out of time.
 # --dry-run runs the same steps on the CPU at tiny sizes, without flex (a FlexAttention compilation on CPU takes up
-# to a minute; the suite checks flex there), fp32 tests only, and without peak memory (measured on CPU in child
-# processes, unlike CUDA's in-process counter) and with ten times each step's time limit (the limits are sized for
-# the GPU; the dry run checks the steps, not the budget): tests/test_bench_smoke.py runs it, so that this script
-# cannot rot.
+# to a minute; the suite checks flex there), fp32 tests only, and with ten times each step's time limit (the limits
+# are sized for the GPU; the dry run checks the steps, not the budget): tests/test_bench_smoke.py runs it, so that
+# this script cannot rot. SMOPE_AUTHORS=PATH (a checkout of the authors' SMoPE code) adds their layer to step 4.
 set -uo pipefail
 py=${PYTHON:-python}
 dry=0
@@ -49,8 +49,7 @@ if [[ $dry -eq 1 ]]; then
   info=(--quick --repeats 1 --dtypes float32 bfloat16 --backends math merge sdpa)
   export NORGA_GPU_TEST_DEVICE=cpu
   gpu_tests=(-k "not flex and not bf16")
-  # peak memory on CPU is measured in child processes, unlike CUDA's in-process counter: not what a GPU run runs
-  attention=(--B 1 --N 9 17 --L 3 --repeats 1 --warmup 0 --contenders naive merge sdpa auto floor timm)
+  attention=(--B 1 --N 9 17 --L 3 --repeats 1 --warmup 0 --memory --contenders naive merge sdpa auto floor timm)
   smope=(--B 1 --N 16 --repeats 1)
   vit=(--model vit_tiny_patch16_224 --batch 1 --train-batch 1 --layers 2 --repeats 1 --train-repeats 1 --warmup 0)
 else
@@ -62,8 +61,8 @@ else
   vit=(--batch 64 --train-batch 64 --repeats 10 --train-repeats 5)
 fi
 
-step selfcheck 120 "$py" -m norga.info --device "$device" "${info[@]}" --json "$out/selfcheck.json"
-step test_gpu 120 "$py" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider ${gpu_tests[@]+"${gpu_tests[@]}"}
+step selfcheck 100 "$py" -m norga.info --device "$device" "${info[@]}" --json "$out/selfcheck.json"
+step test_gpu 110 "$py" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider ${gpu_tests[@]+"${gpu_tests[@]}"}
 for dtype in bfloat16 float32; do
   step "attention_$dtype" 100 "$py" benchmarks/bench_attention.py --device "$device" --dtype "$dtype" \
     "${attention[@]}" --out "$out/attention_$dtype.json"
@@ -71,8 +70,8 @@ for dtype in bfloat16 float32; do
     --norga merge > "$out/tables_$dtype.md"
 done
 for backend in merge auto; do
-  step "smope_$backend" 15 "$py" benchmarks/bench_smope.py --device "$device" --backend "$backend" "${smope[@]}" \
-    --out "$out/smope_$backend.json"
+  step "smope_$backend" 30 "$py" benchmarks/bench_smope.py --device "$device" --backend "$backend" "${smope[@]}" \
+    ${SMOPE_AUTHORS:+--authors "$SMOPE_AUTHORS"} --out "$out/smope_$backend.json"
   step "vit_$backend" 35 "$py" benchmarks/bench_vit.py --device "$device" --backend "$backend" --no-compile \
     "${vit[@]}" --out "$out/vit_$backend.json"
 done

@@ -1,6 +1,7 @@
-"""Plot peak memory against sequence length from ``bench_attention.py --memory`` results.
+"""Plot peak allocated memory against sequence length from ``bench_attention.py --memory`` results.
 
-One line per contender, peak MiB against ``N`` (log-log), for one ``(B, L, mode)``; a line of slope 2 is
+One line per contender, the peak MiB held by tensors allocated in one call and alive at once (see
+``benchmarks.common.peak_allocated_bytes``) against ``N`` (log-log), for one ``(B, L, mode)``; a line of slope 2 is
 memory that grows as ``N²`` (the explicit scores of ``naive``), slope 1 as ``N`` (fused kernels). Also
 prints each contender's slope between its two largest ``N`` (where fixed overheads matter least).
 
@@ -86,7 +87,7 @@ def main(argv: List[str] | None = None) -> None:
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("tokens N")
-    ax.set_ylabel("peak memory of one call (MiB)")
+    ax.set_ylabel("peak allocated memory of one call (MiB)")
     device = machine.get("gpu") or machine.get("cpu_model") or "cpu"
     ax.set_title(f"Gated prefix attention, B={b}, L={length}, {mode}, {device}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)

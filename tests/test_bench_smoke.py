@@ -102,6 +102,44 @@ def test_bench_attention_drops_quadratic_contenders_above_the_limit():
     assert all(r["vs_naive"] is None and r["vs_floor"] is not None for r in rows)
 
 
+def test_peak_allocated_bytes_counts_live_tensors():
+    """The peak of the tensor bytes allocated in one call and alive at once, counted from the allocator's events:
+    tensors of known sizes (float32, 4 bytes an element), one freed before the next is made. The free of a tensor
+    made before the call is not seen (the profiler does not know that block's size)."""
+    from benchmarks.common import peak_allocated_bytes
+
+    def run():
+        a = torch.empty(250_000)  # 1,000,000 bytes
+        b = torch.empty(500_000)  # 2,000,000 bytes: 3,000,000 alive, the peak
+        del a
+        c = torch.empty(125_000)  # 500,000 bytes: 2,500,000 alive
+        return b, c
+
+    assert peak_allocated_bytes(run) == 3_000_000
+    held = [torch.empty(1_000_000)]
+
+    def free_then_allocate():
+        held.pop()  # 4,000,000 bytes freed, not counted
+        return torch.empty(250_000)  # 1,000,000 bytes
+
+    assert peak_allocated_bytes(free_then_allocate) == 1_000_000
+    assert peak_allocated_bytes(lambda: None) == 0
+
+
+def test_bench_attention_memory_repeats_exactly():
+    """`--memory` measures each contender's peak twice from the same state; the two are equal, and at least what is
+    alive at the end of the call: the output (B * N * H * D float32) and, forward+backward, also the gradient of
+    the (B, N, 3, H, D) tensor that q, k, v are views of (the previous call's gradients, dropped before each
+    measured call, do not lower the count)."""
+    args = ["--B", "2", "--N", "9", "--L", "3", "--repeats", "1", "--warmup", "0", "--memory"]
+    rows = bench_main([*args, "--contenders", "naive", "merge", "floor"])
+    assert {r["contender"] for r in rows} == {"naive", "merge", "floor"}
+    out_bytes = 2 * 9 * 12 * 64 * 4
+    for r in rows:
+        assert r["peak_mib"] == r["peak_mib_again"], r
+        assert r["peak_mib"] * 2**20 >= out_bytes * (4 if r["mode"] == "fwdbwd" else 1), r
+
+
 def test_plot_memory_slopes_and_png(tmp_path, capsys):
     """The memory plot fits log-log slopes: 2 for memory that grows as N^2, 1 for N."""
     from benchmarks.plot_memory import main as plot_main
@@ -151,7 +189,7 @@ def test_bench_fastpaths_cli_runs(tmp_path):
         ["--B", "3", "--N", "9", "--L", "3", "--heads", "2", "--head-dim", "8", "--repeats", "1"] + ["--out", str(out)]
     )
     assert out.exists() and json.loads(out.read_text())["results"] == rows
-    assert {r["contender"] for r in rows} == {"epilogue", "no-inplace", "epilogue-again", "batched"}
+    assert {r["contender"] for r in rows} == {"epilogue", "no-inplace", "epilogue-again", "batched", "per-sample"}
     assert next(r["ratio"] for r in rows if r["contender"] == "epilogue") == 1.0
 
 
@@ -241,3 +279,120 @@ def test_gpu_script_records_failures(tmp_path):
     assert res.returncode == 1
     steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
     assert len(steps) == 8 and all(s[1] == "1" for s in steps)
+
+
+# A stand-in for the authors' SMoPE package with their interface (models.zoo.OnePrompt: one (1, D) Parameter per
+# layer, expert and head, e_pk_{layer}_{expert}_{head} / e_pv_..., forward(x_querry, l, x_block, train, task_id) ->
+# ([Ek, Ev, eps_decay], loss, x_block); models.vit.Attention(dim, num_heads, qkv_bias) with qkv, proj and
+# forward(x, prompt=, topk=, train=, reduce_query=) -> (out, (scores, routing scores))), written here from the
+# SMoPE equations: route by the mean query, the top K experts' row-constant logits scale * mean(q) . key, one
+# softmax over [logits, scale * q k^T]. SCALE_FACTOR 1 computes what norga's SMoPE computes; another value does not.
+STAND_IN_ZOO = """
+import torch
+from torch import nn
+
+
+class OnePrompt(nn.Module):
+    def __init__(self, emb_d, n_tasks, prompt_param, key_dim=768, num_heads=12):
+        super().__init__()
+        self.num_experts, self.topk, self.num_heads = int(prompt_param[0]) // 2, int(prompt_param[1]), num_heads
+        for layer in range(2):
+            for e in range(self.num_experts):
+                for h in range(num_heads):
+                    setattr(self, f"e_pk_{layer}_{e}_{h}", nn.Parameter(torch.rand(1, key_dim // num_heads)))
+                    setattr(self, f"e_pv_{layer}_{e}_{h}", nn.Parameter(torch.rand(1, key_dim // num_heads)))
+
+    def forward(self, x_querry, l, x_block, train=False, task_id=None):
+        def stack(kind):
+            rows = [[getattr(self, f"e_{kind}_{l}_{e}_{h}")[0] for e in range(self.num_experts)]
+                    for h in range(self.num_heads)]
+            return torch.stack([torch.stack(r) for r in rows]).expand(x_block.shape[0], -1, -1, -1)
+
+        return [stack("pk"), stack("pv"), torch.zeros(self.num_heads, self.num_experts)], 0.0, x_block
+"""
+STAND_IN_VIT = """
+import torch
+from torch import nn
+
+SCALE_FACTOR = {factor}
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=False):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5 * SCALE_FACTOR
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=qkv_bias), nn.Linear(dim, dim)
+
+    def forward(self, x, register_hook=False, prompt=None, topk=-1, train=False, reduce_query=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        ek, ev, _ = prompt
+        score = q.mean(dim=2, keepdim=True) @ ek.transpose(-2, -1)  # (B, H, 1, E)
+        idx = score.topk(topk, dim=-1).indices
+        pv = torch.gather(ev, 2, idx.squeeze(2).unsqueeze(-1).expand(-1, -1, -1, ev.shape[-1]))
+        logits = (score.gather(-1, idx) * self.scale).expand(-1, -1, N, -1)
+        attn = torch.cat([logits, (q @ k.transpose(-2, -1)) * self.scale], dim=-1).softmax(dim=-1)
+        out = (attn @ torch.cat([pv, v], dim=2)).transpose(1, 2).reshape(B, N, C)
+        return self.proj(out), (score, score)
+"""
+
+
+def _stand_in(root, factor):
+    pkg = root / "models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import vit, zoo\n")
+    (pkg / "zoo.py").write_text(STAND_IN_ZOO)
+    (pkg / "vit.py").write_text(STAND_IN_VIT.format(factor=factor))
+    return str(root)
+
+
+def test_bench_smope_times_the_authors_layer_after_checking_it(tmp_path):
+    """`bench_smope.py --authors PATH` imports the authors' OnePrompt and Attention from PATH (here the stand-in),
+    copies their experts and projections into norga's SMoPE, checks both select the same experts and that each
+    stage of each is within tests/tolerance.py's bounds of the float64 equations (eval and training mode), then
+    times every contender in both modes."""
+    from benchmarks.bench_smope import main as smope_main
+
+    args = ["--B", "2", "--N", "9", "--repeats", "1", "--warmup", "0", "--authors", _stand_in(tmp_path, 1)]
+    payload = smope_main([*args, "--out", str(tmp_path / "s.json")])
+    assert [c["B"] for c in payload["checks"]] == [2] and payload["checks"][0]["max_abs_diff"] > 0
+    got = {(r["mode"], r["contender"]) for r in payload["results"]}
+    names = ("norga_smope", "norga_smope_again", "authors", "pool", "none")
+    assert got == {(m, c) for m in ("fwd", "fwdbwd") for c in names}
+    assert all(r["vs_authors"] == 1.0 for r in payload["results"] if r["contender"] == "authors")
+
+
+def test_bench_smope_refuses_an_authors_layer_that_computes_otherwise(tmp_path):
+    """The check can fail: a stand-in whose scale is 1 % off is beyond the attention stage's rounding bound."""
+    from benchmarks.bench_smope import main as smope_main
+
+    with pytest.raises(AssertionError, match="the authors' layer .training=False.: attention"):
+        smope_main(["--B", "2", "--N", "9", "--repeats", "1", "--authors", _stand_in(tmp_path, 1.01)])
+
+
+def test_bench_smope_names_a_wrong_checkout(tmp_path):
+    from benchmarks.bench_smope import main as smope_main
+
+    with pytest.raises(FileNotFoundError, match="no models/__init__.py"):
+        smope_main(["--B", "1", "--N", "4", "--repeats", "1", "--authors", str(tmp_path)])
+
+
+def test_contended_runs_busy_processes_and_ends_them(monkeypatch):
+    """`--contend P` times beside P busy processes: running inside the block, ended on leaving it."""
+    import subprocess
+
+    from benchmarks import common
+
+    started, real_popen = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(common.subprocess, "Popen", popen)
+    with common.contended(2):
+        assert len(started) == 2 and all(p.poll() is None for p in started)
+    assert all(p.poll() is not None for p in started)
+    with pytest.raises(KeyError), common.contended(1):
+        raise KeyError("a failing benchmark")
+    assert len(started) == 3 and started[-1].poll() is not None

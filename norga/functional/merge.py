@@ -54,8 +54,9 @@ def _merged_lse(lse_tok: torch.Tensor, w_tok: torch.Tensor) -> torch.Tensor:
     Where `w_tok` underflows to 0 (the prefix outweighs every token by ~100 nats, or every token is masked) `lse`
     is `+inf`: the token columns' weights `exp(t - lse)` are then 0, as they are to float32 precision.
     """
-    lse_tok = lse_tok.float()
-    return torch.where(w_tok > 0, lse_tok - torch.log(w_tok), torch.full_like(lse_tok, float("inf")))
+    # lse_tok - log(0) is already +inf for a finite lse_tok; a row whose tokens are all masked (lse_tok = -inf,
+    # w_tok = 0) gives -inf - (-inf) = NaN, set to +inf in place: three passes over (B, H, N), not five
+    return torch.sub(lse_tok.float(), torch.log(w_tok)).nan_to_num_(float("inf"), float("inf"), float("-inf"))
 
 
 def _bias4d(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -88,7 +89,9 @@ def merge_forward(
         cols = torch.cat([g, lse_tok.float().unsqueeze(-1)], dim=-1)  # (B, H, N, L + 1)
         weights = torch.softmax(cols, dim=-1)
         # in the kernel's memory layout ((B, N, H, D) for timm's strided q): the module's transpose(1, 2)
-        # .reshape(B, N, C) after it is free, and the gradient arrives in that layout
+        # .reshape(B, N, C) after it is free, and the gradient arrives in that layout. (One addcmul with out= the
+        # token output would save a pass, but Dynamo cannot trace an out= into a non-contiguous tensor, and this is
+        # also the form torch.compile traces.)
         out = o_tok.float().mul(weights[..., length:]).add_(torch.matmul(weights[..., :length], pv.float()))
         out = out.to(x.v.dtype)
         lse = _merged_lse(lse_tok, weights[..., length]) if need_lse else cols.new_empty(0)
@@ -190,6 +193,23 @@ def merge_attention(
     return out
 
 
+def _scaled_prefix_rows(q: Tensor, pk: Tensor, scale: float, buf: Tensor) -> None:
+    """Rows `0..L-1` of `buf` `(B, H, L + 1, N)` float32 become `scale * pk . q`, row `L` zero (`q` `(B, H, N, D)`,
+    `pk` `(B or 1, H, L, D)`).
+
+    One multiplication gives every sample's `[scale * pk; 0]` (the scale on the small key rather than on the
+    scores; the zero row lets the GEMM fill all `L + 1` rows of the contiguous buffer, where a GEMM into a strided
+    slice of it runs per head), then one batched GEMM over every sample and head. For timm's strided `q` (views of
+    the `qkv` projection) that GEMM first copies `q`; one GEMM per sample would read the strided rows without the
+    copy, but as `B` small operations, each waiting for every core: on a machine whose other core is busy that
+    costs far more than the copy saves (docs/benchmarks.md, "Fewer, larger operations").
+    """
+    length = pk.shape[-2]
+    pk_pad = q.new_zeros((pk.shape[0], pk.shape[1], length + 1, pk.shape[-1]), dtype=torch.float32)
+    torch.mul(pk.float(), scale, out=pk_pad[:, :, :length])
+    torch.matmul(pk_pad, q.float().transpose(-2, -1), out=buf)
+
+
 def merge_attention_no_grad(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -204,12 +224,12 @@ def merge_attention_no_grad(
     """`merge` without autograd (inference, CPU): the same equations, with a working buffer instead of temporaries.
 
     After the fused token kernel, one float32 buffer of `(H, L + 1, N)` rows per sample: rows `0..L-1` hold the
-    prefix scores `scale * pk . q`, computed per sample straight from the strided `q` that timm's `qkv` split
-    gives (no copy of `q`) and gated in place through the gate's `inplace_` (the gate protocol, `norga.gates`);
-    row `L` holds `lse_tok`; one softmax over the rows gives the prefix weights and the token weight. `p @ pv`
-    goes into a small contiguous temporary, and one `addcmul` writes `w * o_tok + p @ pv` over the kernel's
-    output, in its memory layout. Given `logits`, or a gate without `inplace_` (or one that declines), the
-    scores are built and gated on the whole `(B, H, N, L)` block first, exactly as on the autograd path.
+    prefix scores `scale * pk . q`, one batched GEMM for the batch (`_scaled_prefix_rows`), gated in place
+    through the gate's `inplace_` (the gate protocol, `norga.gates`); row `L` holds `lse_tok`; one softmax over
+    the rows gives the prefix weights and the token weight. `p @ pv` goes into a small contiguous temporary, and
+    one `addcmul` writes `w * o_tok + p @ pv` over the kernel's output, in its memory layout. Given `logits`, or a
+    gate without `inplace_` (or one that declines), the scores are built and gated on the whole `(B, H, N, L)` block
+    first, exactly as on the autograd path.
     """
     bias = _bias4d(bias, q.dtype)
     o_tok, lse_tok, _ = CPU_FLASH.forward(TokenInputs(q, k, v, bias, scale))
@@ -219,18 +239,11 @@ def merge_attention_no_grad(
         out = o_tok if o_tok.dtype == torch.float32 else o_tok.float()  # a float32 kernel output is ours
         inplace = getattr(gate, "inplace_", None) if gate is not None else None
         g = None
-        if logits is None and (gate is None or inplace is not None):
-            # [scale * pk; 0]: the GEMM fills all L + 1 rows of the contiguous buffer (a GEMM into a strided
-            # slice of it runs per head); the scale goes on the small (L, D) key
-            pk_pad = q.new_zeros((h, length + 1, pk.shape[-1]), dtype=torch.float32)
-        else:
+        if logits is not None or (gate is not None and inplace is None):
             g = prefix_scores(q, pk, scale, gate, logits)
         buf = q.new_empty((b, h, length + 1, n), dtype=torch.float32)
         if g is None:
-            for i in range(b):
-                if i == 0 or pk.shape[0] > 1:
-                    torch.mul(pk[i if pk.shape[0] > 1 else 0].float(), scale, out=pk_pad[:, :length])
-                torch.matmul(pk_pad, q[i].float().transpose(-2, -1), out=buf[i])
+            _scaled_prefix_rows(q, pk, scale, buf)
             if inplace is not None and inplace(buf[:, :, :length]) is NotImplemented:
                 g = prefix_scores(q, pk, scale, gate, logits)  # the gate declined: the (B, H, N, L) block
         if g is not None:
