@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_attention_inputs
-from .._compat import is_exporting, require
+from .._compat import is_exporting
 from ..gates import resolve_gate
 from .cuda import cuda_kernel, cuda_kernels_available
-from .flex import flex_attention, flex_available
+from .flex import flex_attention, flex_available, require_flex
 from .kernels import cpu_flash_available
 from .math import math_attention
 from .merge import merge_attention, merge_attention_no_grad
@@ -56,7 +56,7 @@ def select_backend(q: torch.Tensor, backend: str = "auto", dropout_p: float = 0.
         return "merge" if fused and not is_exporting() else "sdpa"  # before torch 2.7: not under torch.compile
     if backend in ("merge", "flex"):
         if backend == "flex":
-            require("flex", "backend 'flex'", "use 'merge', 'sdpa' or 'math'")  # a clearer message than the next
+            require_flex()  # names the torch release, a clearer message than the next
         if backend not in available_backends(q.device):
             raise ValueError(
                 f"backend {backend!r} is not available on device {q.device.type!r}; "

@@ -18,13 +18,18 @@ import torch
 from .._compat import has, require
 from .prefix import Gate
 
-__all__ = ["flex_attention", "flex_available", "score_mod"]
+__all__ = ["flex_attention", "flex_available", "require_flex", "score_mod"]
 
 
 def flex_available(device: torch.device) -> bool:
     """Whether FlexAttention can run on `device`: CPU or CUDA, with a torch whose FlexAttention runs norga's
     `score_mod` (2.11 or newer, docs/compat.md)."""
     return device.type in ("cpu", "cuda") and has("flex")
+
+
+def require_flex() -> None:
+    """Raise the `ValueError` naming the torch release `flex` needs (2.11), unless the installed torch has it."""
+    require("flex", "backend 'flex'", "use 'merge', 'sdpa' or 'math'")
 
 
 _COMPILED: list[Callable[..., torch.Tensor]] = []  # the compiled flex_attention, built on first use
@@ -74,7 +79,7 @@ def flex_attention(
         ValueError: a gradient is needed on CPU, where PyTorch has no compiled FlexAttention backward, or this torch
             is older than 2.11 (its FlexAttention cannot compile the `score_mod`).
     """
-    require("flex", "backend 'flex'", "use 'merge', 'sdpa' or 'math'")
+    require_flex()
     if attend is None and q.device.type == "cpu" and torch.is_grad_enabled():
         needs = [t for t in (q, k, v, pk, pv, logits, bias) if t is not None and t.requires_grad]
         if needs or (isinstance(gate, torch.nn.Module) and any(p.requires_grad for p in gate.parameters())):
