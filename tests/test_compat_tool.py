@@ -71,3 +71,9 @@ def test_summary_counts_and_names_the_failures(tmp_path):
     assert "| 2.5.0 | 1.0.26 | 1 | 1 | 1 | 2 | 12 |" in text and "- `tests.test_a::test_bad[x]`" in text
     assert "- 2 × needs torch >= 2.12" in text
     json.dumps({**summary, **got})  # what summary.json holds
+
+
+def test_summary_of_a_run_that_wrote_no_junit_file(tmp_path):
+    """pytest killed by the timeout, or failing before collection, writes no JUnit file: the counts are 0."""
+    got = _tool().summarize(tmp_path / "junit.xml")
+    assert got == {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failed_tests": [], "skip_reasons": {}}

@@ -8,7 +8,8 @@
     python tools/compat.py --torch 2.4.1 ... --below-floors  # versions that norga's own ranges refuse
     python tools/compat.py ... -- -x tests/test_patch.py  # arguments after -- go to pytest instead of the suite's
 
-Run it from anywhere with any Python 3.9+ (the venv is made with that interpreter, `--python` picks another).
+Run it from anywhere with any Python 3.9+ (3.11+ for `--below-floors`, which reads pyproject.toml with tomllib;
+the venv is made with that interpreter, `--python` picks another).
 OUT (`--out`, default `compat_results/torch-<torch>_timm-<timm>`) receives `pip.log`, `freeze.txt`,
 `pytest.log`, `junit.xml`, `summary.json` and `summary.md` (the versions installed, the counts, the failed
 tests). The venv is `OUT/venv` unless `--venv` names one, and is deleted at the end unless `--keep-venv`.
@@ -93,11 +94,13 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def summarize(junit: Path) -> dict[str, object]:
-    """Counts (passed, failed, errors, skipped) and the ids of failed tests from a pytest JUnit file."""
+    """Counts (passed, failed, errors, skipped) and the ids of failed tests from a pytest JUnit file (all 0 if pytest
+    wrote none)."""
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     failed: list[str] = []
     skipped: dict[str, int] = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
+    cases = ET.parse(junit).getroot().iter("testcase") if junit.exists() else iter(())
+    for case in cases:
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         kinds = {child.tag for child in case}
         if "failure" in kinds or "error" in kinds:
@@ -162,13 +165,11 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(args.venv)
     subprocess.run(cmds["venv"], check=True)
     with open(args.out / "pip.log", "w") as log:
-        for step in ("install", "install_norga"):
-            rc = subprocess.run(cmds[step], stdout=log, stderr=subprocess.STDOUT).returncode if step in cmds else 0
+        for step in [s for s in ("install", "install_norga") if s in cmds]:
+            rc = subprocess.run(cmds[step], stdout=log, stderr=subprocess.STDOUT).returncode
             if rc != 0:
-                break
-    if rc != 0:
-        print(f"install failed (exit {rc}); see {args.out / 'pip.log'}", file=sys.stderr)
-        return 2
+                print(f"install failed (exit {rc}); see {args.out / 'pip.log'}", file=sys.stderr)
+                return 2
     py = args.venv / "bin" / "python"
     freeze = subprocess.run([str(py), "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
     (args.out / "freeze.txt").write_text(freeze)
@@ -185,11 +186,7 @@ def main(argv: list[str]) -> int:
     summary: dict[str, object] = {"versions": installed(py), "exit": rc, "seconds": seconds}
     summary["command"] = shlex.join(["python", "tools/compat.py", *argv])
     summary["threads"] = os.environ.get("OMP_NUM_THREADS")
-    summary.update(
-        summarize(junit)
-        if junit.exists()
-        else {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failed_tests": [], "skip_reasons": {}}
-    )
+    summary.update(summarize(junit))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / "summary.md").write_text(markdown(summary))
     print(markdown(summary))
